@@ -1,0 +1,155 @@
+"""The six SD3.5-Medium presets of SPEC section 1.
+
+Select with ``--config advantage_weighted_matching/config/dgx_awm.py:PRESET``.
+Each preset is a plain function over ``base_awm.get_config()``; the process
+count in its name is the one its batch plan is sized for (8 or 32 GPUs).
+"""
+
+import ml_collections
+
+from advantage_weighted_matching.config import base_awm
+from advantage_weighted_matching.paths import dataset_dir
+
+
+def _sd3_no_cfg_common(num_gpus):
+    """Values shared by every SD3.5 preset (SPEC section 1)."""
+    config = base_awm.get_config()
+    config.pretrained.model = "stabilityai/stable-diffusion-3.5-medium"
+    config.resolution = 512
+    config.mixed_precision = "fp16"
+    config.num_epochs = 100000
+    config.per_prompt_stat_tracking = True
+
+    config.sample.num_steps = 14
+    config.sample.eval_num_steps = 40
+    config.sample.guidance_scale = 1.0
+    config.sample.train_batch_size = 6
+    config.sample.num_image_per_prompt = 24
+    config.sample.test_batch_size = 6
+    config.sample.sde_frac = 0.0
+    config.sample.global_std = True
+
+    train = config.train
+    train.num_inner_epochs = 1
+    train.train_timesteps = 6
+    train.kl_weight = "Uniform"
+    train.advantage_max = 1.0
+    train.ema = True
+    train.timestep_fraction = 0.9
+    train.loss_type = "exp_first"
+    train.learning_rate = 3e-4
+    train.weighting = "ghuber"
+    train.ghuber_power = 0.25
+    train.kl_ema_weight = "Uniform"
+    train.kl_ema_decay = 0.3
+    train.ema_beta = 1.0
+    train.kl_ema_decay_type = "linear"
+    train.off_policy = False
+    train.use_sa_solver = True
+    train.clip_range = 1.0
+    train.lora_type = "attn"
+    train.time_shift = 3.0
+    train.decay_steps = 1e10
+    train.ema_decay = 0.99
+    train.ema_update_step_interval = 1
+    return config
+
+
+def _set_batches(config, num_gpus, num_groups):
+    """num_batches_per_epoch = num_groups * k // num_gpus // 2 (SPEC table), and
+    the derived accumulation: one optimizer step per epoch."""
+    k = config.sample.num_image_per_prompt
+    config.sample.num_batches_per_epoch = num_groups * k // num_gpus // 2
+    config.train.gradient_accumulation_steps = (
+        config.sample.train_batch_size // config.train.batch_size * config.sample.num_batches_per_epoch
+    )
+
+
+def _geneval(num_gpus, suffix):
+    config = _sd3_no_cfg_common(num_gpus)
+    config.dataset = dataset_dir("geneval")
+    config.prompt_fn = "geneval"
+    config.reward_fn = ml_collections.ConfigDict({"geneval": 1.0})
+    config.sample.noise_level = 0.4
+    config.train.batch_size = 3
+    config.train.beta = 0.001
+    config.train.time_type = "discrete_wo_init"
+    config.save_freq = config.eval_freq = 50
+    config.run_name = f"geneval_sd3_no_cfg_{suffix}"
+    _set_batches(config, num_gpus, num_groups=24)
+    return config
+
+
+def _ocr(num_gpus, suffix):
+    config = _sd3_no_cfg_common(num_gpus)
+    config.dataset = dataset_dir("ocr")
+    config.prompt_fn = "general_ocr"
+    config.reward_fn = ml_collections.ConfigDict({"ocr": 1.0})
+    config.sample.noise_level = 0.4
+    config.train.batch_size = 3
+    config.train.beta = 0.003
+    config.train.time_type = "discrete_wo_init"
+    config.save_freq = config.eval_freq = 20
+    config.run_name = f"ocr_sd3_no_cfg_{suffix}"
+    _set_batches(config, num_gpus, num_groups=24)
+    return config
+
+
+def _pickscore(num_gpus, suffix):
+    config = _sd3_no_cfg_common(num_gpus)
+    config.dataset = dataset_dir("pickscore")
+    config.prompt_fn = "general_ocr"
+    config.reward_fn = ml_collections.ConfigDict({"pickscore": 1.0})
+    config.sample.noise_level = 0.0
+    config.train.batch_size = 2
+    config.train.beta = 0.0001
+    config.train.time_type = "discrete"
+    config.save_freq = config.eval_freq = 50
+    config.run_name = f"pickscore_sd3_no_cfg_{suffix}"
+    _set_batches(config, num_gpus, num_groups=8)
+    return config
+
+
+def geneval_sd3_no_cfg_1node():
+    return _geneval(8, "1node")
+
+
+def geneval_sd3_no_cfg_4nodes():
+    return _geneval(32, "4nodes")
+
+
+def ocr_sd3_no_cfg_1node():
+    return _ocr(8, "1node")
+
+
+def ocr_sd3_no_cfg_4nodes():
+    return _ocr(32, "4nodes")
+
+
+def pickscore_sd3_no_cfg_1node():
+    return _pickscore(8, "1node")
+
+
+def pickscore_sd3_no_cfg_4nodes():
+    return _pickscore(32, "4nodes")
+
+
+PRESETS = {
+    f.__name__: f
+    for f in (
+        geneval_sd3_no_cfg_1node,
+        geneval_sd3_no_cfg_4nodes,
+        ocr_sd3_no_cfg_1node,
+        ocr_sd3_no_cfg_4nodes,
+        pickscore_sd3_no_cfg_1node,
+        pickscore_sd3_no_cfg_4nodes,
+    )
+}
+# The GPU count each preset's batch plan is sized for.
+PRESET_NUM_PROCESSES = {name: 32 if name.endswith("4nodes") else 8 for name in PRESETS}
+
+
+def get_config(name):
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return PRESETS[name]()
