@@ -1,0 +1,186 @@
+"""Start-up validation of a config for a given process count (SPEC section 1).
+
+`validate(config, num_processes)` runs before any model or dataset loads and
+raises `ConfigError` listing every problem, each naming its key(s). It returns
+the derived batch plan, which the trainer logs.
+"""
+
+import math
+
+ENUMS = {
+    "train.weighting": ("Uniform", "t", "t**2", "huber", "ghuber"),
+    "train.kl_weight": ("Uniform", "ELBO"),
+    "train.kl_ema_weight": ("Uniform", "ELBO"),
+    "train.loss_type": ("exp_first", "sum_first"),
+    "train.time_type": ("discrete", "discrete_wo_init", "discrete_with_init", "uniform", "logit_normal"),
+    "train.kl_ema_decay_type": ("linear", "constant"),
+    "train.lora_type": ("attn", "ffn"),
+    "train.lora_init": ("gaussian", "default", "true"),
+    "train.algorithm": ("awm", "flow_grpo"),
+    "prompt_fn": ("general_ocr", "geneval"),
+    "mixed_precision": ("no", "fp16", "bf16"),
+    "rewards.dtype": ("float32", "float16", "bfloat16"),
+}
+DISCRETE_TIME_TYPES = ("discrete", "discrete_wo_init", "discrete_with_init")
+
+# (key, predicate, requirement) for numeric ranges.
+RANGES = [
+    ("num_epochs", lambda v: v >= 1, ">= 1"),
+    ("save_freq", lambda v: v >= 0, ">= 0"),
+    ("eval_freq", lambda v: v >= 0, ">= 0"),
+    ("log_image_freq", lambda v: v >= 0, ">= 0"),
+    ("num_checkpoint_limit", lambda v: v >= 1, ">= 1"),
+    ("max_nonfinite_steps", lambda v: v >= 1, ">= 1"),
+    ("max_sequence_length", lambda v: 1 <= v <= 512, "in [1, 512]"),
+    ("resolution", lambda v: v >= 16 and v % 16 == 0, "a positive multiple of 16"),
+    ("sample.num_steps", lambda v: v >= 3, ">= 3 (the SA-Solver needs a predictor, a corrector and a final step)"),
+    ("sample.eval_num_steps", lambda v: v >= 1, ">= 1"),
+    ("sample.guidance_scale", lambda v: v >= 1.0, ">= 1.0 (1.0 disables CFG)"),
+    ("sample.train_batch_size", lambda v: v >= 1, ">= 1"),
+    ("sample.num_image_per_prompt", lambda v: v >= 1, ">= 1"),
+    ("sample.test_batch_size", lambda v: v >= 1, ">= 1"),
+    ("sample.num_batches_per_epoch", lambda v: v >= 1, ">= 1"),
+    ("sample.noise_level", lambda v: v >= 0, ">= 0"),
+    ("sample.sde_frac", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("sample.num_eval_images", lambda v: v >= 0, ">= 0"),
+    ("train.batch_size", lambda v: v >= 1, ">= 1"),
+    ("train.learning_rate", lambda v: v > 0, "> 0"),
+    ("train.adam_beta1", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("train.adam_beta2", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("train.adam_weight_decay", lambda v: v >= 0, ">= 0"),
+    ("train.adam_epsilon", lambda v: v > 0, "> 0"),
+    ("train.gradient_accumulation_steps", lambda v: v >= 1, ">= 1"),
+    ("train.max_grad_norm", lambda v: v > 0, "> 0"),
+    ("train.num_inner_epochs", lambda v: v >= 1, ">= 1"),
+    ("train.adv_clip_max", lambda v: v > 0, "> 0"),
+    ("train.advantage_max", lambda v: v >= 0, ">= 0 (0 = no rescaling)"),
+    ("train.clip_range", lambda v: v > 0, "> 0"),
+    ("train.timestep_fraction", lambda v: 0 < v <= 1, "in (0, 1]"),
+    ("train.beta", lambda v: v >= 0, ">= 0"),
+    ("train.ema_beta", lambda v: v >= 0, ">= 0"),
+    ("train.lora_rank", lambda v: v >= 1, ">= 1"),
+    ("train.lora_alpha", lambda v: v > 0, "> 0"),
+    ("train.ema_decay", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("train.ema_update_step_interval", lambda v: v >= 1, ">= 1"),
+    ("train.train_timesteps", lambda v: v >= 1, ">= 1"),
+    ("train.time_shift", lambda v: v > 0, "> 0"),
+    ("train.ghuber_power", lambda v: v > 0, "> 0"),
+    ("train.kl_ema_decay", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("train.decay_steps", lambda v: v > 0, "> 0"),
+    ("rewards.batch_size", lambda v: v >= 1, ">= 1"),
+]
+
+
+class ConfigError(ValueError):
+    """An invalid configuration; the message lists every offending key."""
+
+
+def _get(config, dotted):
+    value = config
+    for part in dotted.split("."):
+        value = value[part]
+    return value
+
+
+def batch_plan(config, num_processes):
+    """Derived sizes of one epoch (SPEC section 1). Pure arithmetic on the config."""
+    sample, train = config.sample, config.train
+    k = sample.num_image_per_prompt
+    images_per_batch = num_processes * sample.train_batch_size  # all ranks, one rollout batch
+    micro_batches_per_rank = sample.train_batch_size // train.batch_size * sample.num_batches_per_epoch
+    return {
+        "num_processes": num_processes,
+        "images_per_epoch": images_per_batch * sample.num_batches_per_epoch,
+        "group_size": k,
+        "groups_per_rollout_batch": images_per_batch // k,
+        "prompt_groups_per_epoch": images_per_batch // k * sample.num_batches_per_epoch,
+        "images_per_rank_per_epoch": sample.train_batch_size * sample.num_batches_per_epoch,
+        "micro_batches_per_rank": micro_batches_per_rank * train.num_inner_epochs,
+        "rows_per_micro_batch": train.train_timesteps * train.batch_size,
+        "optimizer_steps_per_epoch": micro_batches_per_rank * train.num_inner_epochs
+        // train.gradient_accumulation_steps,
+        "total_train_batch": train.batch_size * num_processes * train.gradient_accumulation_steps,
+    }
+
+
+def format_batch_plan(plan):
+    return (
+        f"batch plan ({plan['num_processes']} processes): {plan['images_per_epoch']} images/epoch = "
+        f"{plan['prompt_groups_per_epoch']} prompt groups x {plan['group_size']} images; "
+        f"{plan['images_per_rank_per_epoch']} images/rank/epoch in {plan['micro_batches_per_rank']} micro-batches "
+        f"of {plan['rows_per_micro_batch']} (timestep x sample) rows; "
+        f"{plan['optimizer_steps_per_epoch']} optimizer step(s)/epoch; "
+        f"total train batch {plan['total_train_batch']} samples/step"
+    )
+
+
+def validate(config, num_processes):
+    """Check `config` for `num_processes` ranks; return the batch plan or raise ConfigError."""
+    errors = []
+    if not isinstance(num_processes, int) or num_processes < 1:
+        raise ConfigError(f"num_processes must be a positive integer, got {num_processes!r}")
+
+    for key, allowed in ENUMS.items():
+        value = _get(config, key)
+        if value not in allowed:
+            errors.append(f"{key}={value!r} is not one of {list(allowed)}")
+    for key, ok, requirement in RANGES:
+        value = _get(config, key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not ok(value):
+            errors.append(f"{key}={value!r} must be {requirement}")
+    if errors:  # the relational checks below assume sane numbers
+        raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+
+    sample, train = config.sample, config.train
+    if sample.train_batch_size % train.batch_size:
+        errors.append(
+            f"train.batch_size={train.batch_size} must divide sample.train_batch_size={sample.train_batch_size}"
+        )
+    if num_processes * sample.train_batch_size % sample.num_image_per_prompt:
+        errors.append(
+            f"num_processes * sample.train_batch_size = {num_processes} * {sample.train_batch_size} must be divisible "
+            f"by sample.num_image_per_prompt={sample.num_image_per_prompt} (whole prompt groups per rollout batch)"
+        )
+    derived_accumulation = sample.train_batch_size // train.batch_size * sample.num_batches_per_epoch
+    if train.gradient_accumulation_steps != derived_accumulation:
+        errors.append(
+            f"train.gradient_accumulation_steps={train.gradient_accumulation_steps} must equal sample.train_batch_size "
+            f"// train.batch_size * sample.num_batches_per_epoch = {derived_accumulation} (one optimizer step per epoch)"
+        )
+    if train.time_type in DISCRETE_TIME_TYPES:
+        usable = int(sample.num_steps * train.timestep_fraction)
+        if train.train_timesteps > usable:
+            errors.append(
+                f"train.train_timesteps={train.train_timesteps} must be <= int(sample.num_steps * "
+                f"train.timestep_fraction) = int({sample.num_steps} * {train.timestep_fraction}) = {usable} "
+                f"for train.time_type={train.time_type!r}"
+            )
+    if not config.use_lora:
+        errors.append("use_lora=False: full fine-tuning is not supported; the trainer trains a LoRA adapter")
+    if train.cfg:
+        errors.append("train.cfg=True is not supported: AWM trains the conditional velocity (guidance_scale 1.0)")
+    if train.algorithm == "flow_grpo" and train.use_sa_solver:
+        errors.append("train.algorithm='flow_grpo' needs SDE rollouts with log-probs: set train.use_sa_solver=False")
+    if train.algorithm == "flow_grpo" and not sample.noise_level > 0:
+        errors.append("train.algorithm='flow_grpo' needs sample.noise_level > 0 (stochastic rollouts)")
+    if not config.pretrained.model:
+        errors.append("pretrained.model is empty")
+    if not config.dataset:
+        errors.append("dataset is empty: set it to a prompt directory")
+
+    weights = dict(config.reward_fn)
+    if not weights:
+        errors.append("reward_fn is empty: name at least one reward with a weight")
+    for name, weight in weights.items():
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+            errors.append(f"reward_fn.{name}={weight!r} must be a finite number")
+    from advantage_weighted_matching.rewards import validate_reward_names  # light: no model imports
+
+    try:
+        validate_reward_names(list(weights))
+    except ValueError as error:
+        errors.append(f"reward_fn: {error}")
+
+    if errors:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+    return batch_plan(config, num_processes)
