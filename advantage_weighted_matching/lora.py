@@ -1,0 +1,105 @@
+"""LoRA adapters on the SD3 transformer through peft (SPEC section 5, "LoRA").
+
+* ``default``: the policy adapter (the only trainable parameters).
+* ``ema``: the KL-EMA adapter, created as a copy of ``default``; no grad.
+* reference model: ``with model.disable_adapter():`` (the base transformer).
+
+peft's ``set_adapter`` also flips ``requires_grad`` to the active adapter, so
+`use_adapter` always switches back to ``default``.
+Saved adapters are diffusers LoRA files (``pytorch_lora_weights.safetensors``
+with peft metadata) that ``StableDiffusion3Pipeline.load_lora_weights`` reads.
+"""
+
+import contextlib
+import os
+
+import torch
+
+ATTN_TARGETS = [
+    "attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",
+    "attn.to_k", "attn.to_out.0", "attn.to_q", "attn.to_v",
+]
+FFN_TARGETS = ["ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"]
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+
+
+def lora_config(rank, alpha, init, lora_type):
+    from peft import LoraConfig
+
+    targets = {"attn": ATTN_TARGETS, "ffn": FFN_TARGETS}[lora_type]
+    init_lora_weights = {"gaussian": "gaussian", "default": True, "true": True}[init]
+    return LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=init_lora_weights, target_modules=targets)
+
+
+def add_lora(transformer, config, with_ema_adapter):
+    """Wrap `transformer` in a peft model with adapter `default` (and `ema`, a copy)."""
+    from peft import get_peft_model
+
+    model = get_peft_model(transformer, config)
+    if with_ema_adapter:
+        model.add_adapter("ema", config)
+        copy_adapter(model, "default", "ema")
+        model.set_adapter("default")
+    return model
+
+
+def adapter_parameters(model, adapter):
+    """The LoRA tensors of `adapter` in a stable order (name-sorted)."""
+    tag = f".{adapter}."
+    named = [(n, p) for n, p in model.named_parameters() if "lora_" in n and tag in n]
+    return [p for _, p in sorted(named, key=lambda item: item[0])]
+
+
+@torch.no_grad()
+def copy_adapter(model, source, target):
+    for src, dst in zip(adapter_parameters(model, source), adapter_parameters(model, target), strict=True):
+        dst.copy_(src)
+
+
+@contextlib.contextmanager
+def use_adapter(model, adapter):
+    """Run under `adapter`, then return to `default` (and its requires_grad)."""
+    model.set_adapter(adapter)
+    try:
+        yield
+    finally:
+        model.set_adapter("default")
+
+
+def adapter_state_dict(model, adapter):
+    """diffusers-style LoRA state dict (no `base_model.model.` prefix, no adapter name)."""
+    from peft import get_peft_model_state_dict
+
+    state = get_peft_model_state_dict(model.base_model.model, adapter_name=adapter)
+    return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
+
+
+def save_adapter(model, adapter, directory, config):
+    """Write `adapter` as a diffusers LoRA dir loadable by `load_lora_weights`."""
+    from diffusers import StableDiffusion3Pipeline
+
+    StableDiffusion3Pipeline.save_lora_weights(
+        directory,
+        transformer_lora_layers=adapter_state_dict(model, adapter),
+        transformer_lora_adapter_metadata=config.to_dict(),
+        weight_name=LORA_WEIGHT_NAME,
+    )
+
+
+def load_adapter(model, directory, adapter="default"):
+    """Load a diffusers LoRA dir (saved by `save_adapter`) into `adapter`; exact copy."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    path = os.path.join(directory, LORA_WEIGHT_NAME) if os.path.isdir(directory) else directory
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"train.lora_path: no LoRA weights at {path}")
+    state = load_file(path)
+    state = {k.removeprefix("transformer."): v for k, v in state.items()}
+    result = set_peft_model_state_dict(model.base_model.model, state, adapter_name=adapter)
+    missing = [k for k in result.missing_keys if "lora_" in k and f".{adapter}." in k]
+    if result.unexpected_keys or missing:
+        raise ValueError(
+            f"LoRA at {path} does not fit this transformer: unexpected {result.unexpected_keys[:5]}, "
+            f"missing {missing[:5]}"
+        )
