@@ -1,0 +1,217 @@
+"""Reward functions (SPEC section 6) and the multi-reward combiner.
+
+Public API (the training loop relies on exactly this):
+
+* ``REWARDS``: name -> factory. ``factory(device, reward_config)`` returns
+  ``fn(images, prompts, metadata, only_strict=True) -> (scores, info)`` with
+  ``images`` an NCHW float tensor in [0, 1] (any device), ``prompts`` a
+  list[str] of length B, ``metadata`` a list[dict] of length B,
+  ``scores`` a float64 numpy array [B] and ``info`` a dict of extra per-image
+  numpy arrays [B] plus ``num_failures`` (int). ``only_strict`` matters to
+  ``geneval`` only.
+* ``multi_score(device, reward_weights, reward_config=None)``: weighted sum of
+  several rewards, see its docstring.
+* ``validate_reward_names(names)``: raises ValueError for unknown names.
+* ``reward_config_defaults()``: the ``config.rewards`` keys with defaults.
+
+This module imports nothing heavy (no torch, transformers or OCR engine):
+config validation imports it before any model loads. The reward modules are
+imported inside the factories.
+"""
+
+import logging
+import math
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+PREFETCH_HINT = "python setup/prefetch_reward_weights.py"
+
+
+def reward_config_defaults():
+    """Defaults of the ``config.rewards`` block (mirrors config/base_awm.py)."""
+    return {
+        "device": "",  # "" = the device given to the factory
+        "batch_size": 16,  # images per reward-model forward
+        "dtype": "float32",  # float32 | float16 | bfloat16
+        "pickscore_model": "yuvalkirstain/PickScore_v1",
+        "pickscore_processor": "laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
+        "geneval_detector": "facebook/mask2former-swin-small-coco-instance",
+        "geneval_clip": "openai/clip-vit-large-patch14",
+        "geneval_object_names": "",  # "" = detector id2label (GenEval spellings)
+        "remote_geneval_url": "",  # "" = score GenEval in-process
+    }
+
+
+def resolve_reward_config(reward_config):
+    """Defaults overlaid with ``reward_config`` (None, dict, or ConfigDict) -> plain dict."""
+    resolved = reward_config_defaults()
+    if reward_config is None:
+        return resolved
+    if hasattr(reward_config, "to_dict"):  # ml_collections.ConfigDict
+        given = reward_config.to_dict()
+    else:
+        given = dict(reward_config)
+    resolved.update(given)
+    batch_size = int(resolved["batch_size"])
+    if batch_size < 1:
+        raise ValueError(f"rewards.batch_size must be >= 1, got {batch_size}")
+    resolved["batch_size"] = batch_size
+    if resolved["dtype"] not in ("float32", "float16", "bfloat16"):
+        raise ValueError(f"rewards.dtype must be float32, float16 or bfloat16, got {resolved['dtype']!r}")
+    return resolved
+
+
+def resolve_device(device, reward_config):
+    """``reward_config['device']`` when set, else the device given to the factory."""
+    return reward_config["device"] or device
+
+
+def torch_dtype(name):
+    import torch
+
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
+
+
+def from_pretrained_or_explain(loader, model_id, **kwargs):
+    """``loader(model_id, **kwargs)``; a missing model becomes a RuntimeError naming
+    the model id and the prefetch step (from_pretrained raises OSError when the
+    id is neither in the local HF cache nor reachable on the hub)."""
+    try:
+        return loader(model_id, **kwargs)
+    except OSError as error:
+        raise RuntimeError(
+            f"cannot load reward model {model_id!r}: not in the local Hugging Face cache and the hub is "
+            f"unreachable or the id is wrong. Download it first with `{PREFETCH_HINT}` "
+            f"(on a machine with internet, sharing HF_HOME). Original error: {error}"
+        ) from error
+
+
+def images_to_uint8_hwc(images):
+    """NCHW float tensor (or array) in [0, 1] -> uint8 numpy [B, H, W, 3].
+
+    ``round(x * 255)`` clamped to [0, 255], converted once for the whole batch;
+    a single channel is repeated to RGB.
+    """
+    if hasattr(images, "detach"):  # torch tensor; no torch import needed
+        array = (images.detach().float() * 255).round().clamp(0, 255).to("cpu").numpy().astype(np.uint8)
+    else:
+        array = np.clip(np.round(np.asarray(images, dtype=np.float32) * 255), 0, 255).astype(np.uint8)
+    if array.ndim != 4 or array.shape[1] not in (1, 3):
+        raise ValueError(f"images must be NCHW with 1 or 3 channels, got shape {tuple(array.shape)}")
+    array = array.transpose(0, 2, 3, 1)
+    if array.shape[-1] == 1:
+        array = np.repeat(array, 3, axis=-1)
+    return np.ascontiguousarray(array)
+
+
+def score_each(score_one, items, reward_name):
+    """Apply ``score_one(item) -> float`` to every item; an exception costs that item
+    only: it scores 0, is logged and counted. Returns (scores float64 [B], num_failures)."""
+    scores = np.zeros(len(items), dtype=np.float64)
+    num_failures = 0
+    for index, item in enumerate(items):
+        try:
+            scores[index] = float(score_one(item))
+        except Exception as error:  # noqa: BLE001 - one bad image must not end the run
+            num_failures += 1
+            logger.warning("%s reward failed on image %d (scored 0): %r", reward_name, index, error)
+    return scores, num_failures
+
+
+def _jpeg_factory(device, reward_config):
+    from .jpeg import make_jpeg_compressibility_scorer
+
+    return make_jpeg_compressibility_scorer(device, resolve_reward_config(reward_config))
+
+
+def _ocr_factory(device, reward_config):
+    from .ocr import make_ocr_scorer
+
+    return make_ocr_scorer(device, resolve_reward_config(reward_config))
+
+
+def _pickscore_factory(device, reward_config):
+    from .pickscore import make_pickscore_scorer
+
+    return make_pickscore_scorer(device, resolve_reward_config(reward_config))
+
+
+def _geneval_factory(device, reward_config):
+    config = resolve_reward_config(reward_config)
+    if config["remote_geneval_url"]:
+        from .remote_geneval import make_remote_geneval_scorer
+
+        return make_remote_geneval_scorer(device, config)
+    from .geneval import make_geneval_scorer
+
+    return make_geneval_scorer(device, config)
+
+
+REWARDS = {
+    "jpeg_compressibility": _jpeg_factory,
+    "ocr": _ocr_factory,
+    "pickscore": _pickscore_factory,
+    "geneval": _geneval_factory,
+}
+
+
+def validate_reward_names(names):
+    """Raise ValueError naming every unknown reward name and the known ones."""
+    unknown = [name for name in names if name not in REWARDS]
+    if unknown:
+        raise ValueError(f"unknown reward name(s) {unknown}; known rewards: {sorted(REWARDS)}")
+
+
+def multi_score(device, reward_weights, reward_config=None):
+    """Build every reward named in ``reward_weights`` (name -> weight).
+
+    Returns ``fn(images, prompts, metadata, only_strict=True) -> (rewards, info)``:
+    ``rewards[name]`` is the float array [B] of each reward,
+    ``rewards['avg'] = sum_name weight * rewards[name]``, and with geneval also
+    its per-image fields (``strict_accuracy``, ``accuracy``,
+    ``{tag}_strict_accuracy``, ``{tag}_accuracy``; ``accuracy`` is 0 when
+    ``only_strict``). ``info`` holds the other rewards' extra arrays and
+    ``num_failures`` (images that scored 0 because their scoring raised).
+    A reward whose whole call raises scores 0 for the batch and counts B
+    failures instead of ending the run.
+    """
+    weights = dict(reward_weights)
+    validate_reward_names(list(weights))
+    for name, weight in weights.items():
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+            raise ValueError(f"reward weight for {name!r} must be a finite number, got {weight!r}")
+    scorers = {name: REWARDS[name](device, reward_config) for name in weights}
+
+    def score(images, prompts, metadata, only_strict=True):
+        batch_size = len(prompts)
+        if len(metadata) != batch_size or images.shape[0] != batch_size:
+            raise ValueError(
+                f"batch mismatch: {images.shape[0]} images, {batch_size} prompts, {len(metadata)} metadata rows"
+            )
+        rewards = {}
+        info = {"num_failures": 0}
+        avg = np.zeros(batch_size, dtype=np.float64)
+        for name, scorer in scorers.items():
+            try:
+                scores, extra = scorer(images, prompts, metadata, only_strict=only_strict)
+                scores = np.asarray(scores, dtype=np.float64).reshape(batch_size)
+            except Exception as error:  # noqa: BLE001 - a reward outage must not end the run
+                logger.warning("%s reward failed on the whole batch of %d (scored 0): %r", name, batch_size, error)
+                scores, extra = np.zeros(batch_size, dtype=np.float64), {"num_failures": batch_size}
+                if name == "geneval":  # keep the geneval fields the loop logs: 0, -10 for other tags
+                    from .geneval_rules import failed_geneval_fields
+
+                    extra.update(failed_geneval_fields(metadata))
+            rewards[name] = scores
+            avg += weights[name] * scores
+            info["num_failures"] += int(extra.get("num_failures", 0))
+            target = rewards if name == "geneval" else info
+            for key, value in extra.items():
+                if key not in ("num_failures", name):
+                    target[key] = np.asarray(value)
+        rewards["avg"] = avg
+        return rewards, info
+
+    return score
