@@ -85,3 +85,39 @@ def velocity_kl(v_pred, v_ref, t, weighting="Uniform"):
     if weighting == "ELBO":
         return (per_row / (2 * elbo_std(t.to(per_row.dtype)) ** 2)).mean()
     raise ValueError(f"KL weighting={weighting!r} is not one of ['Uniform', 'ELBO']")
+
+
+def awm_loss(
+    velocity_fn, clean, noise, t, advantages, num_timesteps, *, weighting="Uniform", ghuber_power=0.25,
+    loss_type="exp_first", clip_range=1.0, beta=0.0, kl_weight="Uniform", ref_velocity_fn=None, ema_beta=0.0,
+    kl_ema_weight="Uniform", ema_velocity_fn=None, off_policy=False,
+):
+    """The full AWM micro-batch loss ``policy + beta KL + ema_beta KL_ema``.
+
+    velocity_fn(x_t, t) -> v [R, C, h, w] with grad (the policy);
+    ref_velocity_fn / ema_velocity_fn: base model / `ema` adapter (called under no_grad).
+    clean, noise [R, C, h, w] and t [R] are time-major rows; advantages [B].
+    Off-policy, the old log-prob is the `ema` adapter's (the sampling policy's).
+    Returns (loss, metrics dict of detached scalars).
+    """
+    x_t = noisy_latents(clean, noise, t)
+    v = velocity_fn(x_t, t)
+    lp = weight_log_prob(flow_matching_log_prob(v, noise, clean), t, weighting, ghuber_power)
+    with torch.no_grad():
+        v_ref = ref_velocity_fn(x_t, t) if beta > 0 else None
+        v_ema = ema_velocity_fn(x_t, t) if (ema_beta > 0 or off_policy) else None
+    if off_policy:
+        lp_old = weight_log_prob(flow_matching_log_prob(v_ema, noise, clean), t, weighting, ghuber_power)
+    else:
+        lp_old = lp.detach()
+    ratio = likelihood_ratio(lp, lp_old, loss_type, num_timesteps)
+    policy_loss, clipfrac = clipped_policy_loss(advantages, ratio, clip_range)
+    zero = policy_loss.new_zeros(())
+    kl = velocity_kl(v, v_ref, t, kl_weight) if beta > 0 else zero
+    ema_kl = velocity_kl(v, v_ema, t, kl_ema_weight) if ema_beta > 0 else zero
+    loss = policy_loss + beta * kl + ema_beta * ema_kl
+    metrics = {
+        "policy_loss": policy_loss.detach(), "kl_loss": kl.detach(), "ema_kl_loss": ema_kl.detach(),
+        "loss": loss.detach(), "clipfrac": clipfrac.detach(), "log_prob": lp.detach().mean(),
+    }
+    return loss, metrics

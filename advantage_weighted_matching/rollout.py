@@ -43,15 +43,16 @@ def encode_prompts(pipeline, prompts, device, max_sequence_length=128):
     return prompt_embeds, pooled
 
 
-def velocity(transformer, x, t, prompt_embeds, pooled, negative=None, guidance_scale=1.0):
+def velocity(transformer, x, t, prompt_embeds, pooled, negative=None, guidance_scale=1.0, dtype=None):
     """v(x, t) [B, C, h, w] at flow time t in [0, 1] (float or [B] tensor), float32.
 
     With guidance_scale > 1 and `negative` = (embeds, pooled) of the empty prompt,
-    classifier-free guidance on the velocity.
+    classifier-free guidance on the velocity. `dtype`: the model input dtype
+    (default: the transformer's; pass it for wrapped models, e.g. DDP).
     """
     batch = x.shape[0]
     timestep = torch.as_tensor(t, device=x.device, dtype=torch.float32).reshape(-1).expand(batch) * 1000
-    dtype = transformer.dtype
+    dtype = dtype or transformer.dtype
     if guidance_scale > 1.0 and negative is not None:
         neg_embeds, neg_pooled = negative
         out = transformer(

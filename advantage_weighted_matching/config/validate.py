@@ -16,7 +16,7 @@ ENUMS = {
     "train.kl_ema_decay_type": ("linear", "constant"),
     "train.lora_type": ("attn", "ffn"),
     "train.lora_init": ("gaussian", "default", "true"),
-    "train.algorithm": ("awm", "flow_grpo"),
+    "train.algorithm": ("awm",),  # "flow_grpo" arrives with the baseline (issue F)
     "prompt_fn": ("general_ocr", "geneval"),
     "mixed_precision": ("no", "fp16", "bf16"),
     "rewards.dtype": ("float32", "float16", "bfloat16"),

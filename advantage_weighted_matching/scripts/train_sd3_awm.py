@@ -1,0 +1,413 @@
+"""Advantage Weighted Matching: online RL fine-tuning of SD3 with LoRA.
+
+    accelerate launch --num_processes 1 advantage_weighted_matching/scripts/train_sd3_awm.py \
+        --config advantage_weighted_matching/config/tiny_awm.py:tiny_cpu
+    python advantage_weighted_matching/scripts/train_sd3_awm.py \
+        --config advantage_weighted_matching/config/dgx_awm.py:geneval_sd3_no_cfg_1node --dry_run --num_processes 8
+
+Each epoch: SAMPLE rollouts (rewards scored in a worker thread meanwhile) ->
+REWARD gather -> ADVANTAGE per prompt group -> TRAIN the advantage-weighted
+flow-matching loss -> EMA updates -> EVAL / SAVE. SPEC sections 2-5.
+This script alone touches the accelerator, wandb and the disk.
+"""
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import sys
+import time
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+from absl import app, flags
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import broadcast_object_list, set_seed
+from ml_collections import config_flags
+from tqdm.auto import tqdm
+
+from advantage_weighted_matching import checkpoint as ckpt
+from advantage_weighted_matching.advantages import clip_advantages, group_advantages
+from advantage_weighted_matching.config import ConfigError, format_batch_plan, validate
+from advantage_weighted_matching.ema import WeightEMA, kl_ema_decay, lerp_
+from advantage_weighted_matching.evaluation import evaluate, summarize
+from advantage_weighted_matching.lora import (
+    adapter_parameters, add_lora, copy_adapter, load_adapter, lora_config, save_adapter, use_adapter,
+)
+from advantage_weighted_matching.objective import awm_loss
+from advantage_weighted_matching.optim import build_lr_scheduler, build_optimizer
+from advantage_weighted_matching.prompts import k_repeat_indices, load_prompts
+from advantage_weighted_matching.rollout import encode_prompts, flow_sigmas, rollout, velocity
+from advantage_weighted_matching.timesteps import sample_train_times
+from advantage_weighted_matching.visualize import caption, image_grid
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Config file and preset: path/to/file.py:PRESET.", lock_config=True)
+flags.DEFINE_bool("dry_run", False, "Validate the config, print the batch plan and exit before loading any model.")
+flags.DEFINE_integer("num_processes", None, "Process count for --dry_run (default: WORLD_SIZE or 1).")
+flags.mark_flags_as_required(["config"])
+logger = get_logger(__name__)
+
+
+def stream_seed(seed, stream, *indices):
+    """A distinct, reproducible seed per (stream, indices): rollouts and training
+    noise are pure functions of (seed, epoch/counter, rank), so resume is exact."""
+    value = seed * 1_000_003 + {"rollout": 1, "train": 2}[stream]
+    for index in indices:
+        value = (value * 1_000_033 + index) % (2**63 - 1)
+    return value
+
+
+def main(_):
+    config = FLAGS.config
+    if FLAGS.dry_run:
+        num_processes = FLAGS.num_processes or int(os.environ.get("WORLD_SIZE", 1))
+        plan = validate(config, num_processes)
+        print(format_batch_plan(plan))
+        print(json.dumps(plan, sort_keys=True))
+        return
+
+    # ---------------------------------------------------------------- setup
+    accelerator = Accelerator(
+        mixed_precision=config.mixed_precision, log_with="wandb",
+        gradient_accumulation_steps=config.train.gradient_accumulation_steps,
+    )
+    rank, world, device, is_main = (
+        accelerator.process_index, accelerator.num_processes, accelerator.device, accelerator.is_main_process,
+    )
+    plan = validate(config, world)  # before any data or model is loaded
+    needs_quotes = "ocr" in config.reward_fn
+    train_prompts, train_metadata = load_prompts(config.dataset, config.prompt_fn, "train", needs_quotes)
+    test_prompts, test_metadata = load_prompts(config.dataset, config.prompt_fn, "test", needs_quotes)
+    if plan["groups_per_rollout_batch"] > len(train_prompts):
+        raise ConfigError(
+            f"{plan['groups_per_rollout_batch']} distinct prompts per rollout batch but {config.dataset} has only "
+            f"{len(train_prompts)} training prompts"
+        )
+    resume_path = ckpt.resolve_resume_path(config.resume_from) if config.resume_from else ""
+    flat_config = {**ckpt.flatten_config(config.to_dict()), "num_processes": world}
+    if resume_path:
+        saved = ckpt.flatten_config(ckpt.read_json(os.path.join(resume_path, "config.json")))
+        differences = ckpt.config_differences(saved, flat_config)
+        if differences:
+            raise ConfigError(
+                f"cannot resume from {resume_path}: the batch plan or model shapes differ:\n  "
+                + "\n  ".join(f"{key}: checkpoint {old!r} != now {new!r}" for key, old, new in differences)
+            )
+    run_name = config.run_name or "awm"
+    save_dir = config.save_dir or (
+        os.path.dirname(os.path.dirname(resume_path)) if resume_path
+        else os.path.join(config.logdir, f"{run_name}_{time.strftime('%Y%m%d_%H%M%S')}")
+    )
+    save_dir = broadcast_object_list([save_dir])[0]  # one timestamp for every rank
+    if is_main:
+        os.makedirs(save_dir, exist_ok=True)
+        ckpt.write_json(os.path.join(save_dir, "config.json"), {**config.to_dict(), "num_processes": world})
+    if "WANDB_MODE" not in os.environ and not os.environ.get("WANDB_API_KEY"):
+        os.environ["WANDB_MODE"] = "offline"  # no key: log locally, `wandb sync` later
+    accelerator.init_trackers(
+        config.wandb_project, config=config.to_dict(), init_kwargs={"wandb": {"name": run_name, "dir": save_dir}}
+    )
+    logger.info(f"run dir {save_dir}\n{config}\n{format_batch_plan(plan)}", main_process_only=True)
+    set_seed(config.seed, device_specific=True)
+    if config.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+
+    # ---------------------------------------------------------------- models
+    if config.pretrained.tiny_seed >= 0:
+        from advantage_weighted_matching.tiny_sd3 import ensure_tiny_sd3
+
+        if is_main:
+            ensure_tiny_sd3(config.pretrained.model, config.pretrained.tiny_seed)
+        accelerator.wait_for_everyone()
+    from diffusers import StableDiffusion3Pipeline
+
+    inference_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
+    pipeline = StableDiffusion3Pipeline.from_pretrained(
+        config.pretrained.model, revision=config.pretrained.revision, torch_dtype=inference_dtype
+    )
+    pipeline.set_progress_bar_config(disable=True)
+    for module in (pipeline.vae, pipeline.text_encoder, pipeline.text_encoder_2, pipeline.text_encoder_3,
+                   pipeline.transformer):
+        module.requires_grad_(False)
+    pipeline.to(device)
+    pipeline.vae.to(torch.float32)  # decode in fp32: fp16 VAE artefacts would leak into rewards
+
+    lora_cfg = lora_config(config.train.lora_rank, config.train.lora_alpha, config.train.lora_init,
+                           config.train.lora_type)
+    has_ema_adapter = config.train.ema_beta > 0 or config.train.off_policy
+    model = add_lora(pipeline.transformer, lora_cfg, with_ema_adapter=has_ema_adapter)
+    if config.train.lora_path:
+        load_adapter(model, config.train.lora_path, "default")
+        if has_ema_adapter:
+            copy_adapter(model, "default", "ema")
+    for adapter in ("default", "ema") if has_ema_adapter else ("default",):
+        for param in adapter_parameters(model, adapter):
+            param.data = param.data.float()  # fp32 master weights for the LoRA
+    policy_params = adapter_parameters(model, "default")
+    kl_ema_params = adapter_parameters(model, "ema") if has_ema_adapter else []
+    train_cfg = config.train
+    optimizer = build_optimizer(
+        policy_params, train_cfg.learning_rate, (train_cfg.adam_beta1, train_cfg.adam_beta2),
+        train_cfg.adam_weight_decay, train_cfg.adam_epsilon, train_cfg.use_8bit_adam,
+    )
+    lr_scheduler = build_lr_scheduler(optimizer, train_cfg.decay_steps)  # stepped by hand once per optimizer step
+    transformer, optimizer = accelerator.prepare(model, optimizer)
+    weight_ema = WeightEMA(policy_params, train_cfg.ema_decay, train_cfg.ema_update_step_interval) \
+        if train_cfg.ema else None
+
+    from advantage_weighted_matching.rewards import multi_score
+
+    reward_fn = multi_score(config.rewards.device or device, dict(config.reward_fn), config.rewards)
+    reward_executor = ThreadPoolExecutor(max_workers=1)
+    train_sigmas = flow_sigmas(pipeline.scheduler, config.sample.num_steps)
+    eval_sigmas = flow_sigmas(pipeline.scheduler, config.sample.eval_num_steps)
+    negative = encode_prompts(pipeline, [""], device, config.max_sequence_length) \
+        if config.sample.guidance_scale > 1.0 else None
+
+    first_epoch, global_step = 0, 0
+    if resume_path:
+        load_adapter(model, os.path.join(resume_path, "lora"), "default")
+        if has_ema_adapter:
+            load_adapter(model, os.path.join(resume_path, "kl_ema_lora"), "ema")
+        state = ckpt.load_training_state(resume_path)
+        optimizer.load_state_dict(state["optimizer"])
+        lr_scheduler.load_state_dict(state["lr_scheduler"])
+        if accelerator.scaler is not None and state.get("scaler"):
+            accelerator.scaler.load_state_dict(state["scaler"])
+        if weight_ema is not None:
+            weight_ema.load_state_dict(state["weight_ema"])
+        first_epoch, global_step = state["epoch"], state["global_step"]
+        ckpt.set_rng_state(ckpt.read_json(os.path.join(resume_path, f"rng_state_{rank}.json")))
+        logger.info(f"resumed from {resume_path} at epoch {first_epoch}, step {global_step}", main_process_only=True)
+
+    def save_checkpoint(next_epoch):
+        root = os.path.join(save_dir, "checkpoints")
+        temp = ckpt.temp_dir_for(root, next_epoch)
+        if is_main:
+            shutil.rmtree(temp, ignore_errors=True)
+            os.makedirs(temp)
+        accelerator.wait_for_everyone()
+        ckpt.write_json(os.path.join(temp, f"rng_state_{rank}.json"), ckpt.rng_state())
+        if is_main:
+            save_adapter(model, "default", os.path.join(temp, "lora"), lora_cfg)
+            if has_ema_adapter:
+                save_adapter(model, "ema", os.path.join(temp, "kl_ema_lora"), lora_cfg)
+            if weight_ema is not None:
+                weight_ema.swap(policy_params)
+                save_adapter(model, "default", os.path.join(temp, "ema_lora"), lora_cfg)
+                weight_ema.swap(policy_params)
+            torch.save({
+                "optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
+                "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else {},
+                "weight_ema": weight_ema.state_dict() if weight_ema is not None else {},
+                "epoch": next_epoch, "global_step": global_step,
+                "sampler_counter": next_epoch * config.sample.num_batches_per_epoch,
+            }, os.path.join(temp, "training_state.pt"))
+            ckpt.write_json(os.path.join(temp, "config.json"), {**config.to_dict(), "num_processes": world})
+        accelerator.wait_for_everyone()
+        if is_main:
+            path = ckpt.finalize(temp, root, next_epoch, config.num_checkpoint_limit)
+            logger.info(f"saved checkpoint {path}")
+        accelerator.wait_for_everyone()
+
+    stop_signal = {"received": False}
+    signal.signal(signal.SIGTERM, lambda *_: stop_signal.update(received=True))
+
+    def stop_requested():  # every rank calls this at the same points: one tiny collective
+        flag = torch.tensor([float(stop_signal["received"])], device=device)
+        return bool(accelerator.gather(flag).max() > 0)
+
+    def eval_and_log(tag, epoch):
+        rewards, images, prompts = evaluate(
+            pipeline, model, test_prompts, test_metadata, reward_fn, sigmas=eval_sigmas,
+            resolution=config.resolution, batch_size=config.sample.test_batch_size, rank=rank,
+            num_processes=world, gather=accelerator.gather, seed=config.seed, device=device,
+            max_sequence_length=config.max_sequence_length, limit=config.sample.num_eval_images,
+            autocast=accelerator.autocast,
+            progress=tqdm(desc=f"{tag}", disable=not is_main, leave=False).update,
+        )
+        summary = {f"{tag}/{key}": value for key, value in summarize(rewards).items()}
+        if is_main and len(images):
+            grid = image_grid(images[:16], [caption(p, r) for p, r in zip(prompts, rewards["avg"])])
+            grid.save(os.path.join(save_dir, "samples", f"{tag}_epoch{epoch:06d}.png"))
+            summary[f"{tag}/images"] = _wandb_image(grid)
+        accelerator.log(summary, step=global_step)
+        logger.info(f"epoch {epoch} {tag}: " + ", ".join(f"{k}={v:.4f}" for k, v in summary.items()
+                                                         if isinstance(v, float)), main_process_only=True)
+
+    os.makedirs(os.path.join(save_dir, "samples"), exist_ok=True)
+    num_batches, batch_size, k = (config.sample.num_batches_per_epoch, config.sample.train_batch_size,
+                                  config.sample.num_image_per_prompt)
+    nonfinite_streak = 0
+    for epoch in range(first_epoch, config.num_epochs):
+        timings, steps_this_epoch = {}, 0
+        # ================================================================ SAMPLE
+        start = time.perf_counter()
+        model.eval()
+        batches = []
+        for i in tqdm(range(num_batches), desc=f"epoch {epoch} sample", disable=not is_main, leave=False):
+            if stop_requested():
+                save_checkpoint(epoch)  # weights are still the start-of-epoch weights
+                return sys.exit(143)
+            counter = epoch * num_batches + i
+            indices = k_repeat_indices(len(train_prompts), config.seed, counter, world, batch_size, k, rank).tolist()
+            prompts, metadata = [train_prompts[j] for j in indices], [train_metadata[j] for j in indices]
+            embeds, pooled = encode_prompts(pipeline, prompts, device, config.max_sequence_length)
+            generator = torch.Generator(device).manual_seed(stream_seed(config.seed, "rollout", counter, rank))
+            sampling_adapter = use_adapter(model, "ema") if train_cfg.off_policy else contextlib.nullcontext()
+            with accelerator.autocast(), sampling_adapter:
+                result = rollout(
+                    pipeline, model, embeds, pooled, train_sigmas, config.resolution, generator,
+                    use_sa_solver=train_cfg.use_sa_solver, noise_level=config.sample.noise_level,
+                    sde_frac=config.sample.sde_frac, negative=negative, guidance_scale=config.sample.guidance_scale,
+                )
+            # Score on the worker thread while the next batch samples.
+            future = reward_executor.submit(reward_fn, result.images, prompts, metadata, True)
+            batches.append({"prompts": prompts, "embeds": embeds, "pooled": pooled, "images": result.images,
+                            "clean_latents": result.latents[-1], "rewards": future})
+        timings["sample"] = time.perf_counter() - start
+
+        # ================================================================ REWARD
+        start = time.perf_counter()
+        scored = [b["rewards"].result() for b in batches]
+        timings["reward_wait"] = time.perf_counter() - start
+        local = {key: np.concatenate([s[0][key] for s in scored]) for key in scored[0][0]}
+        gathered = {key: accelerator.gather(torch.as_tensor(v, device=device, dtype=torch.float64)).cpu().numpy()
+                    for key, v in local.items()}
+        num_failures = int(accelerator.gather(torch.tensor([sum(s[1]["num_failures"] for s in scored)],
+                                                           device=device)).sum())
+
+        # ================================================================ ADVANTAGE
+        # Every rank rebuilds all ranks' prompt lists from the pure sampler: no string gather.
+        all_prompts = [train_prompts[j] for r in range(world) for i in range(num_batches) for j in
+                       k_repeat_indices(len(train_prompts), config.seed, epoch * num_batches + i, world,
+                                        batch_size, k, r).tolist()]
+        advantages, group_stats = group_advantages(
+            all_prompts, gathered["avg"], config.per_prompt_stat_tracking, config.sample.global_std
+        )
+        advantages = clip_advantages(advantages, train_cfg.adv_clip_max, train_cfg.advantage_max)
+        per_rank = num_batches * batch_size
+        samples = {key: torch.cat([b[key] for b in batches]) for key in ("embeds", "pooled", "clean_latents")}
+        samples["advantages"] = torch.as_tensor(advantages[rank * per_rank:(rank + 1) * per_rank],
+                                                device=device, dtype=torch.float32)
+        epoch_log = {f"reward/{key}": value for key, value in summarize(gathered).items()}
+        epoch_log.update({f"advantage/{key}": value for key, value in group_stats.items()})
+        epoch_log.update({"reward/num_failures": num_failures, "epoch": epoch})
+        if is_main and config.log_image_freq and epoch % config.log_image_freq == 0:
+            grid = image_grid(batches[0]["images"][:16],
+                              [caption(p, r) for p, r in zip(batches[0]["prompts"], local["avg"])])
+            grid.save(os.path.join(save_dir, "samples", f"train_epoch{epoch:06d}.png"))
+            epoch_log["images"] = _wandb_image(grid)
+
+        # ================================================================ TRAIN
+        start = time.perf_counter()
+        model.train()
+        cpu_generator = torch.Generator().manual_seed(stream_seed(config.seed, "train", epoch, rank))
+        noise_generator = torch.Generator(device).manual_seed(stream_seed(config.seed, "train", epoch, rank))
+        micro, T = train_cfg.batch_size, train_cfg.train_timesteps
+        step_metrics, window_ok = defaultdict(list), True
+        for inner_epoch in range(train_cfg.num_inner_epochs):
+            order = torch.randperm(per_rank, generator=cpu_generator)
+            for m in tqdm(range(per_rank // micro), desc=f"epoch {epoch} train", disable=not is_main, leave=False):
+                if steps_this_epoch == 0 and stop_requested():
+                    save_checkpoint(epoch)
+                    return sys.exit(143)
+                rows = order[m * micro:(m + 1) * micro].to(device)
+                embeds = samples["embeds"][rows].repeat(T, 1, 1)  # time-major: row k * B + b
+                pooled = samples["pooled"][rows].repeat(T, 1)
+                clean = samples["clean_latents"][rows].repeat(T, 1, 1, 1)
+                t = sample_train_times(train_cfg.time_type, T, micro, train_sigmas, train_cfg.timestep_fraction,
+                                       train_cfg.time_shift, cpu_generator).reshape(-1).to(device, torch.float32)
+                noise = torch.randn(clean.shape, generator=noise_generator, device=device, dtype=clean.dtype)
+
+                def policy_v(x, t):
+                    return velocity(transformer, x, t, embeds, pooled, dtype=inference_dtype)
+
+                def ref_v(x, t):
+                    with model.disable_adapter(), accelerator.autocast():
+                        return velocity(model, x, t, embeds, pooled, dtype=inference_dtype)
+
+                def ema_v(x, t):
+                    with use_adapter(model, "ema"), accelerator.autocast():
+                        return velocity(model, x, t, embeds, pooled, dtype=inference_dtype)
+
+                with accelerator.accumulate(transformer):
+                    loss, metrics = awm_loss(
+                        policy_v, clean, noise, t, samples["advantages"][rows], T,
+                        weighting=train_cfg.weighting, ghuber_power=train_cfg.ghuber_power,
+                        loss_type=train_cfg.loss_type, clip_range=train_cfg.clip_range, beta=train_cfg.beta,
+                        kl_weight=train_cfg.kl_weight, ref_velocity_fn=ref_v, ema_beta=train_cfg.ema_beta,
+                        kl_ema_weight=train_cfg.kl_ema_weight, ema_velocity_fn=ema_v,
+                        off_policy=train_cfg.off_policy,
+                    )
+                    finite = bool(accelerator.gather(torch.isfinite(loss.detach()).reshape(1)).all())
+                    if finite:  # all ranks agree, so DDP's collectives stay matched
+                        accelerator.backward(loss)
+                        for key, value in metrics.items():
+                            step_metrics[key].append(value)
+                    else:
+                        window_ok, nonfinite_streak = False, nonfinite_streak + 1
+                        logger.warning(f"epoch {epoch}: non-finite loss ({nonfinite_streak} in a row), step skipped")
+                        if nonfinite_streak >= config.max_nonfinite_steps:
+                            save_checkpoint(epoch)
+                            raise RuntimeError(f"{nonfinite_streak} non-finite losses in a row; checkpoint saved "
+                                               f"at epoch {epoch} before this epoch's update")
+                    if accelerator.sync_gradients:
+                        if window_ok:
+                            grad_norm = accelerator.clip_grad_norm_(policy_params, train_cfg.max_grad_norm)
+                            optimizer.step()
+                            lr_scheduler.step()
+                            global_step, steps_this_epoch, nonfinite_streak = global_step + 1, steps_this_epoch + 1, 0
+                            if weight_ema is not None:
+                                weight_ema.step(policy_params, global_step)
+                            log = {key: accelerator.reduce(torch.stack(v).mean().float(), "mean").item()
+                                   for key, v in step_metrics.items()}
+                            log.update(grad_norm=float(grad_norm), lr=lr_scheduler.get_last_lr()[0], epoch=epoch)
+                            accelerator.log({f"train/{key}": value for key, value in log.items()}, step=global_step)
+                            logger.info(f"epoch {epoch} step {global_step}: " + ", ".join(
+                                f"{key}={value:.4g}" for key, value in log.items()), main_process_only=True)
+                        optimizer.zero_grad(set_to_none=True)
+                        step_metrics, window_ok = defaultdict(list), True
+        timings["train"] = time.perf_counter() - start
+
+        # ================================================================ EMA
+        if has_ema_adapter:  # KL-EMA adapter: theta_ema <- d theta_ema + (1 - d) theta
+            decay = kl_ema_decay(global_step, train_cfg.kl_ema_decay, train_cfg.kl_ema_decay_type)
+            lerp_(kl_ema_params, policy_params, 1.0 - decay)
+            epoch_log["train/kl_ema_decay"] = decay
+
+        # ================================================================ EVAL / SAVE
+        start = time.perf_counter()
+        if config.eval_freq and (epoch + 1) % config.eval_freq == 0:
+            eval_and_log("eval", epoch)
+            if weight_ema is not None:
+                weight_ema.swap(policy_params)
+                eval_and_log("eval_ema", epoch)
+                weight_ema.swap(policy_params)
+        timings["eval"] = time.perf_counter() - start
+        epoch_log.update({f"timing/{key}": value for key, value in timings.items()})
+        accelerator.log(epoch_log, step=global_step)
+        logger.info(f"epoch {epoch}: reward {epoch_log['reward/avg']:.4f} " + " ".join(
+            f"{key}={value:.1f}s" for key, value in timings.items()), main_process_only=True)
+        last_epoch = epoch + 1 == config.num_epochs
+        if last_epoch or (config.save_freq and (epoch + 1) % config.save_freq == 0) or stop_requested():
+            save_checkpoint(epoch + 1)
+        if not last_epoch and stop_requested():
+            return sys.exit(143)
+    reward_executor.shutdown()
+    accelerator.end_training()
+
+
+def _wandb_image(pil_image):
+    import wandb
+
+    return wandb.Image(pil_image)
+
+
+if __name__ == "__main__":
+    app.run(main)
