@@ -245,7 +245,7 @@ def main(_):
                                   config.sample.num_image_per_prompt)
     nonfinite_streak = 0
     for epoch in range(first_epoch, config.num_epochs):
-        timings, steps_this_epoch = {}, 0
+        timings, steps_this_epoch, train_log = {}, 0, {}
         # ================================================================ SAMPLE
         start = time.perf_counter()
         model.eval()
@@ -368,7 +368,8 @@ def main(_):
                             log = {key: accelerator.reduce(torch.stack(v).mean().float(), "mean").item()
                                    for key, v in step_metrics.items()}
                             log.update(grad_norm=float(grad_norm), lr=lr_scheduler.get_last_lr()[0], epoch=epoch)
-                            accelerator.log({f"train/{key}": value for key, value in log.items()}, step=global_step)
+                            train_log = {f"train/{key}": value for key, value in log.items()}
+                            accelerator.log(train_log, step=global_step)
                             logger.info(f"epoch {epoch} step {global_step}: " + ", ".join(
                                 f"{key}={value:.4g}" for key, value in log.items()), main_process_only=True)
                         optimizer.zero_grad(set_to_none=True)
@@ -392,6 +393,10 @@ def main(_):
         timings["eval"] = time.perf_counter() - start
         epoch_log.update({f"timing/{key}": value for key, value in timings.items()})
         accelerator.log(epoch_log, step=global_step)
+        if is_main:  # a plain-text record per epoch, next to the wandb run
+            with open(os.path.join(save_dir, "metrics.jsonl"), "a") as f:
+                record = {**train_log, **epoch_log, "global_step": global_step}
+                f.write(json.dumps({k: v for k, v in record.items() if isinstance(v, (int, float))}) + "\n")
         logger.info(f"epoch {epoch}: reward {epoch_log['reward/avg']:.4f} " + " ".join(
             f"{key}={value:.1f}s" for key, value in timings.items()), main_process_only=True)
         last_epoch = epoch + 1 == config.num_epochs
