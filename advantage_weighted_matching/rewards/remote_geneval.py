@@ -1,0 +1,158 @@
+"""Optional remote GenEval scorer: JSON over HTTP (used when
+``reward_config['remote_geneval_url']`` is non-empty; off by default).
+
+Protocol (one POST per batch, ``Content-Type: application/json``; never pickle):
+
+* request: ``{"images": [base64 PNG of uint8 RGB [H, W, 3]], "metadata":
+  [GenEval metadata row], "only_strict": bool}``
+* response: ``{"scores": [float], "strict_correct": [bool], "correct":
+  [bool], "failed": [bool] (optional)}``, one entry per image.
+
+The client turns the response into the same outputs as the in-process scorer
+(geneval_rules.geneval_fields: ``strict_accuracy``, ``accuracy``, per-tag
+fields with -10 for other tags, ``num_failures``). ``serve_geneval`` runs the
+server side around any ``score_fn(images_uint8, metadata, only_strict)``,
+e.g. an in-process ``GenevalScorer`` on a machine that holds the detector.
+"""
+
+import base64
+import io
+import json
+import logging
+import threading
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+from PIL import Image
+
+from . import images_to_uint8_hwc
+from .geneval_rules import geneval_fields
+
+logger = logging.getLogger(__name__)
+
+REQUEST_TIMEOUT_S = 600.0
+
+
+def encode_png_base64(image_uint8):
+    """uint8 [H, W, 3] -> base64 (ASCII str) of its PNG bytes."""
+    buffer = io.BytesIO()
+    Image.fromarray(image_uint8).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def decode_png_base64(text):
+    """base64 PNG -> uint8 [H, W, 3]."""
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(text))).convert("RGB"))
+
+
+class RemoteGenevalClient:
+    """``client.score_batch(images, metadata, only_strict) -> (scores [B], info)``."""
+
+    def __init__(self, url, timeout_s=REQUEST_TIMEOUT_S):
+        if not url.startswith(("http://", "https://")):
+            raise ValueError(f"remote_geneval_url must be an http(s) URL, got {url!r}")
+        self.url = url
+        self.timeout_s = timeout_s
+
+    def request(self, images_uint8, metadata, only_strict):
+        body = json.dumps(
+            {
+                "images": [encode_png_base64(image) for image in images_uint8],
+                "metadata": list(metadata),
+                "only_strict": bool(only_strict),
+            }
+        ).encode("utf-8")
+        request = urllib.request.Request(
+            self.url, data=body, headers={"Content-Type": "application/json"}, method="POST"
+        )
+        with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
+            return json.loads(response.read().decode("utf-8"))
+
+    def score_batch(self, images, metadata, only_strict=True):
+        images_uint8 = images_to_uint8_hwc(images)
+        batch_size = len(images_uint8)
+        reply = self.request(images_uint8, metadata, only_strict)
+        for key in ("scores", "strict_correct", "correct"):
+            if len(reply.get(key, ())) != batch_size:
+                raise ValueError(f"remote GenEval reply field {key!r} does not hold {batch_size} entries")
+        failed = np.asarray(reply.get("failed", [False] * batch_size), dtype=bool)
+        scores = np.where(failed, 0.0, np.asarray(reply["scores"], dtype=np.float64))
+        strict_correct = np.where(failed, 0.0, np.asarray(reply["strict_correct"], dtype=np.float64))
+        correct = np.zeros(batch_size) if only_strict else np.where(failed, 0.0, np.asarray(reply["correct"], dtype=np.float64))
+        if failed.any():
+            logger.warning("remote GenEval failed on images %s (scored 0)", np.flatnonzero(failed).tolist())
+        tags = [row.get("tag", "") if isinstance(row, dict) else "" for row in metadata]
+        info = geneval_fields(tags, scores, strict_correct, correct)
+        del info["geneval"]
+        info["num_failures"] = int(failed.sum())
+        return scores, info
+
+
+def make_remote_geneval_scorer(device, reward_config):
+    """Factory: ``fn(images, prompts, metadata, only_strict=True) -> (scores [B], info)``."""
+    del device
+    client = RemoteGenevalClient(reward_config["remote_geneval_url"])
+
+    def score(images, prompts, metadata, only_strict=True):
+        del prompts
+        return client.score_batch(images, metadata, only_strict=only_strict)
+
+    score.client = client
+    return score
+
+
+def serve_geneval(score_fn, host="127.0.0.1", port=0):
+    """Start a threaded HTTP server for the protocol above; returns the server
+    (``server.server_address`` has the port; call ``server.shutdown()`` to stop).
+
+    ``score_fn(images_uint8 [list of uint8 [H, W, 3]], metadata, only_strict)``
+    returns a dict with ``scores``, ``strict_correct``, ``correct`` (and
+    optionally ``failed``) lists.
+    """
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 - http.server naming
+            try:
+                length = int(self.headers.get("Content-Length", 0))
+                payload = json.loads(self.rfile.read(length).decode("utf-8"))
+                images = [decode_png_base64(text) for text in payload["images"]]
+                result = score_fn(images, payload["metadata"], bool(payload.get("only_strict", True)))
+                body, status = json.dumps({key: list(map(_plain, value)) for key, value in result.items()}), 200
+            except Exception as error:  # noqa: BLE001 - report to the client instead of dying
+                logger.warning("remote GenEval server error: %r", error)
+                body, status = json.dumps({"error": repr(error)}), 500
+            data = body.encode("utf-8")
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, format, *args):  # noqa: A002 - quiet server
+            logger.debug(format, *args)
+
+    server = ThreadingHTTPServer((host, port), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def _plain(value):
+    """numpy scalars -> Python scalars for JSON."""
+    return value.item() if hasattr(value, "item") else value
+
+
+def scorer_as_score_fn(geneval_scorer):
+    """Adapter for ``serve_geneval``: an in-process ``geneval.GenevalScorer`` as a
+    ``score_fn(images_uint8, metadata, only_strict) -> reply dict`` (same-size images)."""
+
+    def score_fn(images_uint8, metadata, only_strict):
+        batch = np.stack(images_uint8).transpose(0, 3, 1, 2).astype(np.float32) / 255.0  # NCHW [0, 1]
+        scores, info = geneval_scorer.score_batch(batch, metadata, only_strict=only_strict)
+        return {
+            "scores": scores.tolist(),
+            "strict_correct": (info["strict_accuracy"] > 0.5).tolist(),
+            "correct": (info["accuracy"] > 0.5).tolist(),
+        }
+
+    return score_fn
