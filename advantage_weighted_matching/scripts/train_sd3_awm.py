@@ -236,9 +236,9 @@ def main(_):
             grid = image_grid(images[:16], [caption(p, r) for p, r in zip(prompts, rewards["avg"])])
             grid.save(os.path.join(save_dir, "samples", f"{tag}_epoch{epoch:06d}.png"))
             summary[f"{tag}/images"] = _wandb_image(grid)
-        accelerator.log(summary, step=global_step)
         logger.info(f"epoch {epoch} {tag}: " + ", ".join(f"{k}={v:.4f}" for k, v in summary.items()
                                                          if isinstance(v, float)), main_process_only=True)
+        return summary
 
     os.makedirs(os.path.join(save_dir, "samples"), exist_ok=True)
     num_batches, batch_size, k = (config.sample.num_batches_per_epoch, config.sample.train_batch_size,
@@ -385,10 +385,10 @@ def main(_):
         # ================================================================ EVAL / SAVE
         start = time.perf_counter()
         if config.eval_freq and (epoch + 1) % config.eval_freq == 0:
-            eval_and_log("eval", epoch)
+            epoch_log.update(eval_and_log("eval", epoch))
             if weight_ema is not None:
                 weight_ema.swap(policy_params)
-                eval_and_log("eval_ema", epoch)
+                epoch_log.update(eval_and_log("eval_ema", epoch))
                 weight_ema.swap(policy_params)
         timings["eval"] = time.perf_counter() - start
         epoch_log.update({f"timing/{key}": value for key, value in timings.items()})
