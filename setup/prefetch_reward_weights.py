@@ -69,9 +69,12 @@ def check_ocr():
 def parse_args(argv):
     defaults = reward_config_defaults()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rewards", default=DEFAULT_REWARDS, help=f"comma-separated reward names (default {DEFAULT_REWARDS})")
+    parser.add_argument(
+        "--rewards", default=DEFAULT_REWARDS, help=f"comma-separated reward names (default {DEFAULT_REWARDS})"
+    )
     for key in ("pickscore_model", "pickscore_processor", "geneval_detector", "geneval_clip"):
-        parser.add_argument(f"--{key.replace('_', '-')}", dest=key, default=defaults[key], help=f"default {defaults[key]}")
+        flag = f"--{key.replace('_', '-')}"
+        parser.add_argument(flag, dest=key, default=defaults[key], help=f"default {defaults[key]}")
     parser.add_argument("--cache-dir", default=None, help="HF cache directory (default: the HF_HOME cache)")
     parser.add_argument("--dry-run", action="store_true", help="print what would be downloaded and exit")
     parser.add_argument("--check", action="store_true", help="offline: report which models are already cached")

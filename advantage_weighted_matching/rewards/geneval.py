@@ -88,7 +88,9 @@ class GenevalScorer:
         dtype = torch_dtype(reward_config["dtype"])
         detector_id = reward_config["geneval_detector"]
         self.detector_processor = from_pretrained_or_explain(AutoImageProcessor.from_pretrained, detector_id)
-        detector = from_pretrained_or_explain(Mask2FormerForUniversalSegmentation.from_pretrained, detector_id, dtype=dtype)
+        detector = from_pretrained_or_explain(
+            Mask2FormerForUniversalSegmentation.from_pretrained, detector_id, dtype=dtype
+        )
         self.detector = detector.to(self.device).eval().requires_grad_(False)
         self.detector_dtype = dtype
         id2label = {int(k): v for k, v in self.detector.config.id2label.items()}
@@ -199,7 +201,9 @@ class GenevalScorer:
                 detections[start:stop] = self.detect_chunk(images_uint8[start:stop])
                 continue
             except Exception as error:  # noqa: BLE001
-                logger.warning("geneval detector failed on images %d..%d, retrying one by one: %r", start, stop - 1, error)
+                logger.warning(
+                    "geneval detector failed on images %d..%d, retrying one by one: %r", start, stop - 1, error
+                )
             for index in range(start, stop):
                 try:
                     detections[index] = self.detect_chunk(images_uint8[index : index + 1])[0]

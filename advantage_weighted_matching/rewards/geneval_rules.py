@@ -114,7 +114,9 @@ def select_detections(candidates, tag):
     threshold = COUNTING_DETECTION_THRESHOLD if tag == "counting" else DETECTION_THRESHOLD
     kept = {}
     for class_name, detections in candidates.items():
-        objects = [DetectedObject(float(score), tuple(float(v) for v in box), crop_id) for score, box, crop_id in detections]
+        objects = [
+            DetectedObject(float(score), tuple(float(v) for v in box), crop_id) for score, box, crop_id in detections
+        ]
         objects = sorted((obj for obj in objects if obj.score > threshold), key=lambda obj: -obj.score)
         if objects:
             kept[class_name] = objects[:MAX_OBJECTS_PER_CLASS]

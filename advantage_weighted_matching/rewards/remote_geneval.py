@@ -79,7 +79,9 @@ class RemoteGenevalClient:
         failed = np.asarray(reply.get("failed", [False] * batch_size), dtype=bool)
         scores = np.where(failed, 0.0, np.asarray(reply["scores"], dtype=np.float64))
         strict_correct = np.where(failed, 0.0, np.asarray(reply["strict_correct"], dtype=np.float64))
-        correct = np.zeros(batch_size) if only_strict else np.where(failed, 0.0, np.asarray(reply["correct"], dtype=np.float64))
+        correct = np.where(failed, 0.0, np.asarray(reply["correct"], dtype=np.float64))
+        if only_strict:  # GenEval correctness is not computed during training
+            correct = np.zeros(batch_size)
         if failed.any():
             logger.warning("remote GenEval failed on images %s (scored 0)", np.flatnonzero(failed).tolist())
         tags = [row.get("tag", "") if isinstance(row, dict) else "" for row in metadata]
