@@ -88,9 +88,19 @@ def finalize(temp_dir, root, epoch, limit):
         f.write("ok\n")
     _fsync_tree(temp_dir)
     final = os.path.join(root, checkpoint_name(epoch))
-    if os.path.exists(final):  # re-saving the same epoch (e.g. SIGTERM right after a save)
-        shutil.rmtree(final)
-    os.replace(temp_dir, final)
+    displaced = None
+    if os.path.exists(final):  # re-saving the same epoch (e.g. SIGTERM right after a save):
+        displaced = os.path.join(root, f".tmp-old-{checkpoint_name(epoch)}")  # keep it until the new one is in
+        shutil.rmtree(displaced, ignore_errors=True)
+        os.replace(final, displaced)
+    try:
+        os.replace(temp_dir, final)
+    except BaseException:
+        if displaced:
+            os.replace(displaced, final)
+        raise
+    if displaced:
+        shutil.rmtree(displaced, ignore_errors=True)
     fd = os.open(root, os.O_RDONLY)
     try:
         os.fsync(fd)

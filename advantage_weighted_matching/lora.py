@@ -96,7 +96,11 @@ def load_adapter(model, directory, adapter="default"):
         raise FileNotFoundError(f"train.lora_path: no LoRA weights at {path}")
     state = load_file(path)
     state = {k.removeprefix("transformer."): v for k, v in state.items()}
-    result = set_peft_model_state_dict(model.base_model.model, state, adapter_name=adapter)
+    try:
+        result = set_peft_model_state_dict(model.base_model.model, state, adapter_name=adapter)
+    except RuntimeError as error:  # shape mismatch: another rank or target set
+        raise ValueError(f"LoRA at {path} does not fit this transformer (check train.lora_rank / lora_type): "
+                         f"{error}") from error
     missing = [k for k in result.missing_keys if "lora_" in k and f".{adapter}." in k]
     if result.unexpected_keys or missing:
         raise ValueError(

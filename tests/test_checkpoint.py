@@ -177,19 +177,23 @@ def test_failure_while_writing_temp_dir_keeps_previous_checkpoint(tmp_path):
     assert resolve_resume_path(str(run)) == previous
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="checkpoint.finalize removes an existing checkpoint of the same epoch (shutil.rmtree(final)) "
-    "before os.replace: a failure in between leaves no loadable checkpoint",
-)
-def test_failure_when_resaving_same_epoch_keeps_previous_checkpoint(tmp_path, monkeypatch):
+@pytest.mark.parametrize("fail_on", ["any_rename", "new_into_place"])
+def test_failure_when_resaving_same_epoch_keeps_previous_checkpoint(tmp_path, monkeypatch, fail_on):
     root = str(tmp_path / "checkpoints")
     previous = _save(root, 1)
-    monkeypatch.setattr(ckpt.os, "replace", lambda src, dst: (_ for _ in ()).throw(OSError("disk full")))
+    real_replace = os.replace
+
+    def failing_replace(src, dst):
+        if fail_on == "any_rename" or os.path.basename(src).startswith(".tmp-checkpoint"):
+            raise OSError("disk full")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(ckpt.os, "replace", failing_replace)
     with pytest.raises(OSError):
         _save(root, 1)
     monkeypatch.undo()
     assert list_checkpoints(root) == [previous]
+    assert os.path.exists(os.path.join(previous, COMPLETE_MARKER))
 
 
 class Arbitrary:

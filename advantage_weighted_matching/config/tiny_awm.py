@@ -83,3 +83,18 @@ def get_config(name):
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
     return PRESETS[name]()
+
+
+def tiny_cpu_brightness():
+    """The tiny preset rewarded by mean image brightness: a toy task whose reward
+    spread lets a few CPU epochs show learning (tests/test_learning.py)."""
+    config = tiny_cpu()
+    config.run_name = "tiny_cpu_brightness"
+    config.reward_fn = ml_collections.ConfigDict({"brightness": 1.0})
+    config.eval_freq = 0
+    config.log_image_freq = 0
+    config.save_freq = 0
+    return config
+
+
+PRESETS["tiny_cpu_brightness"] = tiny_cpu_brightness

@@ -126,6 +126,12 @@ def _jpeg_factory(device, reward_config):
     return make_jpeg_compressibility_scorer(device, resolve_reward_config(reward_config))
 
 
+def _brightness_factory(device, reward_config):
+    from .brightness import make_brightness_scorer
+
+    return make_brightness_scorer(device, resolve_reward_config(reward_config))
+
+
 def _ocr_factory(device, reward_config):
     from .ocr import make_ocr_scorer
 
@@ -151,6 +157,7 @@ def _geneval_factory(device, reward_config):
 
 REWARDS = {
     "jpeg_compressibility": _jpeg_factory,
+    "brightness": _brightness_factory,
     "ocr": _ocr_factory,
     "pickscore": _pickscore_factory,
     "geneval": _geneval_factory,
