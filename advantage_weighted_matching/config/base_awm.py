@@ -34,6 +34,7 @@ def get_config():
     config.prompt_fn = "general_ocr"  # "general_ocr" | "geneval" (file format)
     config.reward_fn = ml_collections.ConfigDict({"jpeg_compressibility": 1.0})  # name -> weight
     config.per_prompt_stat_tracking = True  # group advantages by prompt text
+    config.dump_rank_state = False  # write {save_dir}/rank_state/rank{r}.jsonl each epoch (multi-process tests)
 
     # ---- model ----
     config.pretrained = pretrained = ml_collections.ConfigDict()

@@ -73,6 +73,7 @@ def main(_):
 
     # ---------------------------------------------------------------- setup
     accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(),  # on CPU-only hosts this is what makes torchrun ranks join (gloo)
         mixed_precision=config.mixed_precision, log_with="wandb",
         gradient_accumulation_steps=config.train.gradient_accumulation_steps,
     )
@@ -382,6 +383,9 @@ def main(_):
             lerp_(kl_ema_params, policy_params, 1.0 - decay)
             epoch_log["train/kl_ema_decay"] = decay
 
+        if config.dump_rank_state:  # what this rank drew, used and holds: cross-rank checks
+            _dump_rank_state(save_dir, rank, epoch, batches, gathered["avg"], samples["advantages"], policy_params)
+
         # ================================================================ EVAL / SAVE
         start = time.perf_counter()
         if config.eval_freq and (epoch + 1) % config.eval_freq == 0:
@@ -406,6 +410,22 @@ def main(_):
             return sys.exit(143)
     reward_executor.shutdown()
     accelerator.end_training()
+
+
+def _dump_rank_state(save_dir, rank, epoch, batches, gathered_rewards, advantages, policy_params):
+    import hashlib
+
+    digest = hashlib.sha256()
+    for param in policy_params:
+        digest.update(param.detach().float().cpu().numpy().tobytes())
+    record = {
+        "epoch": epoch, "prompts": [p for b in batches for p in b["prompts"]],
+        "gathered_rewards": gathered_rewards.tolist(), "advantages": advantages.cpu().tolist(),
+        "lora_sha256": digest.hexdigest(),
+    }
+    os.makedirs(os.path.join(save_dir, "rank_state"), exist_ok=True)
+    with open(os.path.join(save_dir, "rank_state", f"rank{rank}.jsonl"), "a") as f:
+        f.write(json.dumps(record) + "\n")
 
 
 def _wandb_image(pil_image):
