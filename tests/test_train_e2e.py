@@ -28,6 +28,8 @@ def run_training(save_dir, model_dir, *overrides, preset="tiny_cpu"):
     saved_argv, sys.argv = sys.argv, argv  # config_flags finds its override flags in sys.argv
     try:
         train.FLAGS.unparse_flags()
+        for name in [n for n in train.FLAGS if n.startswith("config.")]:
+            delattr(train.FLAGS, name)  # config_flags re-registers the override flags on every parse
         train.FLAGS(argv)
         train.main(None)
     finally:
