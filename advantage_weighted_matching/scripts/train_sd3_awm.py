@@ -64,9 +64,10 @@ def stream_seed(seed, stream, *indices):
 
 def main(_):
     config = FLAGS.config
+    # Launchers (accelerate, torchrun) export WORLD_SIZE: validate before anything starts.
+    num_processes = FLAGS.num_processes or int(os.environ.get("WORLD_SIZE", 1))
+    plan = validate(config, num_processes)
     if FLAGS.dry_run:
-        num_processes = FLAGS.num_processes or int(os.environ.get("WORLD_SIZE", 1))
-        plan = validate(config, num_processes)
         print(format_batch_plan(plan))
         print(json.dumps(plan, sort_keys=True))
         return
@@ -80,7 +81,8 @@ def main(_):
     rank, world, device, is_main = (
         accelerator.process_index, accelerator.num_processes, accelerator.device, accelerator.is_main_process,
     )
-    plan = validate(config, world)  # before any data or model is loaded
+    if world != num_processes:
+        plan = validate(config, world)
     needs_quotes = "ocr" in config.reward_fn
     train_prompts, train_metadata = load_prompts(config.dataset, config.prompt_fn, "train", needs_quotes)
     test_prompts, test_metadata = load_prompts(config.dataset, config.prompt_fn, "test", needs_quotes)
