@@ -28,8 +28,7 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
-from advantage_weighted_matching.config import ConfigError, validate
-from advantage_weighted_matching.prompts import PromptFileError, load_prompts
+from advantage_weighted_matching.config import ConfigError, validate  # light: no torch, no models
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file and preset: path/to/file.py:PRESET.", lock_config=True)
@@ -38,7 +37,10 @@ flags.DEFINE_string(
     "Checkpoint dir (with lora/, maybe ema_lora/), LoRA dir, run dir (latest checkpoint), or 'none' (base model).",
 )
 flags.DEFINE_enum("split", "test", ["test", "train"], "Prompt split to evaluate.")
-flags.DEFINE_string("output", None, "Output dir (default {checkpoint}/eval_{split}; base model: {logdir}/eval_base_...).")
+flags.DEFINE_string(
+    "output", None,
+    "Output dir (default {checkpoint}/eval_{split}; base model: {logdir}/eval_base_{run_name}_{split}).",
+)
 flags.DEFINE_enum("lora", "lora", ["lora", "ema_lora"], "Adapter of a checkpoint dir: the policy or its weight-EMA.")
 flags.DEFINE_integer(
     "num_processes", None,
@@ -94,7 +96,7 @@ def _preset_num_processes(config_spec):
     """PRESET_NUM_PROCESSES[preset] of the config module, if it defines one."""
     import importlib.util
 
-    file_name, _, preset = config_spec.partition(":")
+    preset = config_spec.partition(":")[2]
     try:
         spec = importlib.util.spec_from_file_location("_awm_eval_config", file_name)
         module = importlib.util.module_from_spec(spec)
@@ -119,23 +121,20 @@ def _load_lora(pipeline, lora_dir):
         )
 
 
-def _jsonable(value):
-    value = float(value)
-    return int(value) if value.is_integer() and abs(value) < 2**53 else value
-
-
 def main(_):
     config = FLAGS.config
     config_spec = config_flags.get_config_filename(FLAGS["config"])
     split = FLAGS.split
     try:
-        checkpoint_dir, lora_dir = resolve_checkpoint(FLAGS.checkpoint, FLAGS.lora)
+        checkpoint_dir, lora_dir = resolve_checkpoint(FLAGS.checkpoint, FLAGS.lora)  # fails fast: before torch
         saved_config = _checkpoint_config(checkpoint_dir)
         num_processes = (FLAGS.num_processes or saved_config.get("num_processes")
                          or _preset_num_processes(config_spec))
         validate(config, num_processes)  # before any model is loaded
+        from advantage_weighted_matching.prompts import load_prompts
+
         prompts, metadata = load_prompts(config.dataset, config.prompt_fn, split, "ocr" in config.reward_fn)
-    except (EvaluateError, ConfigError, PromptFileError) as error:
+    except (EvaluateError, ConfigError, ValueError) as error:  # PromptFileError is a ValueError
         sys.exit(f"evaluate: {error}")
     if FLAGS.output:
         out_dir = FLAGS.output
@@ -206,7 +205,7 @@ def main(_):
 
     # ---------------------------------------------------------------- write
     num_images = len(image_prompts)
-    file_name, _, preset = config_spec.partition(":")
+    preset = config_spec.partition(":")[2]
     summary = {
         "checkpoint": os.path.abspath(checkpoint_dir) if checkpoint_dir else "none",
         "lora": os.path.abspath(lora_dir) if lora_dir else None,
@@ -233,7 +232,7 @@ def main(_):
             record = {"index": index, "prompt": prompt}
             if "tag" in metadata[index]:  # one process, in order: image i is prompt i
                 record["tag"] = metadata[index]["tag"]
-            record.update({key: _jsonable(values[index]) for key, values in rewards.items()})
+            record.update({key: float(values[index]) for key, values in rewards.items()})
             f.write(json.dumps(record) + "\n")
     if num_images:
         grid = image_grid(images[:16], [caption(p, r) for p, r in zip(image_prompts, rewards["avg"])])
