@@ -1,15 +1,18 @@
 """`train_sd3_awm.py --dry_run`: the batch plan of every SD3.5 preset, checked
 against SPEC section 1 worked out by hand, without loading any model.
 
-Each run is a real subprocess of the script (what a user types); the six presets
-run concurrently so the file stays within a few seconds.
+Each run is a real subprocess of the script (what a user types). All eight runs
+of this file go concurrently: each costs ~2.5 s of CPU (importing torch), so the
+file takes ~10-20 s on two cores. "Fast" is asserted on the child's CPU time,
+which other load on the machine does not inflate.
 """
 
 import json
 import os
 import subprocess
 import sys
-import time
+import tempfile
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -76,28 +79,42 @@ LITERAL["ocr_sd3_no_cfg_4nodes"] = LITERAL["geneval_sd3_no_cfg_4nodes"]
 
 
 def dry_run(preset, *extra, num_processes=None, env=None, cwd=None):
-    """Run the script with --dry_run; returns (CompletedProcess, seconds, imported top-level modules)."""
+    """Run the script with --dry_run.
+
+    Returns (CompletedProcess, CPU seconds of the child, imported top-level modules).
+    CPU time, not wall time: other test sessions may load the machine, and a dry
+    run that loaded a model would burn far more CPU than the ~2.5 s of importing torch.
+    """
     command = [sys.executable, "-X", "importtime", str(SCRIPT), f"--config={PRESET_FILE}:{preset}",
                f"--config.pretrained.model={MISSING_MODEL}", "--dry_run", *extra]
     if num_processes is not None:
         command.append(f"--num_processes={num_processes}")
     run_env = {key: value for key, value in os.environ.items() if key != "WORLD_SIZE"}
-    run_env.update({"HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", **(env or {})})
-    start = time.perf_counter()
-    result = subprocess.run(command, capture_output=True, text=True, timeout=60, env=run_env, cwd=cwd)
-    seconds = time.perf_counter() - start
+    run_env.update({"HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1", **(env or {})})
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        process = subprocess.Popen(command, stdout=out, stderr=err, env=run_env, cwd=cwd, text=True)
+        killer = threading.Timer(120, process.kill)
+        killer.start()
+        try:
+            _, status, usage = os.wait4(process.pid, 0)
+        finally:
+            killer.cancel()
+        process.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read(), err.read()
     # -X importtime writes "import time: self | cumulative | module" lines to stderr.
     imported = {line.rsplit("|", 1)[1].strip().split(".")[0]
-                for line in result.stderr.splitlines() if line.startswith("import time:") and "|" in line}
-    result.stderr = "\n".join(line for line in result.stderr.splitlines() if not line.startswith("import time:"))
-    return result, seconds, imported
+                for line in stderr.splitlines() if line.startswith("import time:") and "|" in line}
+    stderr = "\n".join(line for line in stderr.splitlines() if not line.startswith("import time:"))
+    result = subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+    return result, usage.ru_utime + usage.ru_stime, imported
 
 
 # Extra cases beside the six presets: (preset, process count, env).
 EXTRA_CASES = {
     "world_size_env": ("pickscore_sd3_no_cfg_4nodes", None, {"WORLD_SIZE": "32"}),
     "invalid_3_processes": ("geneval_sd3_no_cfg_1node", 3, None),
-    "valid_4_processes": ("geneval_sd3_no_cfg_1node", 4, None),
 }
 
 
@@ -137,7 +154,7 @@ def test_preset_batch_plan_matches_spec(preset, runs):
     assert not imported & set(HEAVY_MODULES), sorted(imported & set(HEAVY_MODULES))
     assert "torch" in imported  # the importtime capture itself works
     assert list(cwd.iterdir()) == []
-    assert seconds < 30, f"dry run took {seconds:.1f}s"
+    assert seconds < 15, f"dry run used {seconds:.1f} s of CPU"
 
 
 def test_world_size_env_is_the_default_process_count(runs):
@@ -148,20 +165,12 @@ def test_world_size_env_is_the_default_process_count(runs):
 
 def test_invalid_process_count_names_num_image_per_prompt(runs):
     # 3 processes x 6 images = 18 images per rollout batch: not whole groups of 24.
-    result, _, imported, _ = runs["invalid_3_processes"]
+    result, seconds, imported, _ = runs["invalid_3_processes"]
     assert result.returncode != 0
     output = result.stdout + result.stderr
     assert "sample.num_image_per_prompt" in output
     assert "3 * 6" in output  # names the product that fails
     assert "batch plan" not in result.stdout  # no plan printed for an invalid config
     assert not imported & set(HEAVY_MODULES)
+    assert seconds < 15
 
-
-def test_valid_non_default_process_count(runs):
-    # 4 x 6 = 24: one group per rollout batch; geneval 1node has 36 batches -> 4 x 6 x 36 = 864 images.
-    result, _, _, _ = runs["valid_4_processes"]
-    assert result.returncode == 0, result.stderr[-3000:]
-    plan = json.loads(result.stdout.splitlines()[-1])
-    assert plan["images_per_epoch"] == 4 * 6 * 36 == 864
-    assert plan["prompt_groups_per_epoch"] == 36
-    assert plan["total_train_batch"] == 3 * 4 * 72
