@@ -73,9 +73,11 @@ def main(_):
         return
 
     # ---------------------------------------------------------------- setup
+    use_wandb = os.environ.get("WANDB_MODE") != "disabled"
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available(),  # on CPU-only hosts this is what makes torchrun ranks join (gloo)
-        mixed_precision=config.mixed_precision, log_with="wandb",
+        mixed_precision=config.mixed_precision,
+        log_with="wandb" if use_wandb else None,
         gradient_accumulation_steps=config.train.gradient_accumulation_steps,
     )
     rank, world, device, is_main = (
@@ -238,7 +240,8 @@ def main(_):
         if is_main and len(images):
             grid = image_grid(images[:16], [caption(p, r) for p, r in zip(prompts, rewards["avg"])])
             grid.save(os.path.join(save_dir, "samples", f"{tag}_epoch{epoch:06d}.png"))
-            summary[f"{tag}/images"] = _wandb_image(grid)
+            if use_wandb:
+                summary[f"{tag}/images"] = _wandb_image(grid)
         logger.info(f"epoch {epoch} {tag}: " + ", ".join(f"{k}={v:.4f}" for k, v in summary.items()
                                                          if isinstance(v, float)), main_process_only=True)
         return summary
@@ -305,7 +308,8 @@ def main(_):
             grid = image_grid(batches[0]["images"][:16],
                               [caption(p, r) for p, r in zip(batches[0]["prompts"], local["avg"])])
             grid.save(os.path.join(save_dir, "samples", f"train_epoch{epoch:06d}.png"))
-            epoch_log["images"] = _wandb_image(grid)
+            if use_wandb:
+                epoch_log["images"] = _wandb_image(grid)
 
         # ================================================================ TRAIN
         start = time.perf_counter()
@@ -436,5 +440,16 @@ def _wandb_image(pil_image):
     return wandb.Image(pil_image)
 
 
+def cli_main(argv):
+    """Command-line entry: bad input ends in one clear message, not a traceback."""
+    from advantage_weighted_matching.prompts import PromptFileError
+
+    try:
+        main(argv)
+    except (ConfigError, PromptFileError) as error:
+        print(f"train_sd3_awm: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
-    app.run(main)
+    app.run(cli_main)
