@@ -31,23 +31,28 @@ from ml_collections import config_flags
 from advantage_weighted_matching.config import ConfigError, validate  # light: no torch, no models
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Config file and preset: path/to/file.py:PRESET.", lock_config=True)
-flags.DEFINE_string(
-    "checkpoint", None,
-    "Checkpoint dir (with lora/, maybe ema_lora/), LoRA dir, run dir (latest checkpoint), or 'none' (base model).",
-)
-flags.DEFINE_enum("split", "test", ["test", "train"], "Prompt split to evaluate.")
-flags.DEFINE_string(
-    "output", None,
-    "Output dir (default {checkpoint}/eval_{split}; base model: {logdir}/eval_base_{run_name}_{split}).",
-)
-flags.DEFINE_enum("lora", "lora", ["lora", "ema_lora"], "Adapter of a checkpoint dir: the policy or its weight-EMA.")
-flags.DEFINE_integer(
-    "num_processes", None,
-    "Process count the config is validated for (the training batch plan only; evaluation runs in one process). "
-    "Default: the checkpoint's config.json, else the preset's PRESET_NUM_PROCESSES, else 1.",
-)
-flags.mark_flags_as_required(["config", "checkpoint"])
+
+
+def define_flags():
+    """Registered at run time, not import time: the training script defines its own --config."""
+    config_flags.DEFINE_config_file("config", None, "Config file and preset: path/to/file.py:PRESET.", lock_config=True)
+    flags.DEFINE_string(
+        "checkpoint", None,
+        "Checkpoint dir (with lora/, maybe ema_lora/), LoRA dir, run dir (latest checkpoint), or 'none' (base model).",
+    )
+    flags.DEFINE_enum("split", "test", ["test", "train"], "Prompt split to evaluate.")
+    flags.DEFINE_string(
+        "output", None,
+        "Output dir (default {checkpoint}/eval_{split}; base model: {logdir}/eval_base_{run_name}_{split}).",
+    )
+    flags.DEFINE_enum("lora", "lora", ["lora", "ema_lora"], "Adapter of a checkpoint dir: the policy or its weight-EMA.")
+    flags.DEFINE_integer(
+        "num_processes", None,
+        "Process count the config is validated for (the training batch plan only; evaluation runs in one process). "
+        "Default: the checkpoint's config.json, else the preset's PRESET_NUM_PROCESSES, else 1.",
+    )
+    flags.mark_flags_as_required(["config", "checkpoint"])
+
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # = advantage_weighted_matching.lora.LORA_WEIGHT_NAME
 
@@ -252,4 +257,5 @@ def _parse_flags(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main, flags_parser=_parse_flags)

@@ -88,6 +88,7 @@ def main():
     parser.add_argument("--size", choices=sorted(SIZES), default="sd35m")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default="")
+    parser.add_argument("--profile", action="store_true", help="print torch.profiler tables of both rollouts")
     args = parser.parse_args()
     spec = SIZES[args.size]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -130,7 +131,7 @@ def main():
     def our_rollout():
         generator = torch.Generator(device).manual_seed(0)
         with autocast:
-            return rollout(pipeline, model, embeds, pooled, sigmas, spec["resolution"], generator,
+            return rollout(pipeline, model.get_base_model(), embeds, pooled, sigmas, spec["resolution"], generator,
                            use_sa_solver=True, noise_level=0.4)
 
     def diffusers_call():
@@ -167,11 +168,11 @@ def main():
 
         def v_ref(x, t):
             with model.disable_adapter(), autocast:
-                return velocity(model, x, t, row_embeds, row_pooled, dtype=dtype)
+                return velocity(model.get_base_model(), x, t, row_embeds, row_pooled, dtype=dtype)
 
         def v_ema(x, t):
             with use_adapter(model, "ema"), autocast:
-                return velocity(model, x, t, row_embeds, row_pooled, dtype=dtype)
+                return velocity(model.get_base_model(), x, t, row_embeds, row_pooled, dtype=dtype)
 
         loss, metrics = awm_loss(v_policy, clean_rows, noise, t, advantages, timesteps, weighting="ghuber",
                                  loss_type="exp_first", clip_range=1.0, beta=0.001, ref_velocity_fn=v_ref,
@@ -184,6 +185,16 @@ def main():
         optimizer.zero_grad(set_to_none=True)
         assert torch.isfinite(metrics["loss"]), metrics
         return metrics
+
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        for name, fn in (("our_rollout", our_rollout), ("diffusers_call", diffusers_call)):
+            with profile(activities=activities) as prof:
+                fn()
+            sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+            print(f"==== {name}\n" + prof.key_averages().table(sort_by=sort, row_limit=18, max_name_column_width=50))
 
     report["train_micro_batch_s"] = timed(train_micro_batch, device, args.repeats)
     if device.type == "cuda":

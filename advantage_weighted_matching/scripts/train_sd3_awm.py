@@ -154,6 +154,9 @@ def main(_):
         for param in adapter_parameters(model, adapter):
             param.data = param.data.float()  # fp32 master weights for the LoRA
     policy_params = adapter_parameters(model, "default")
+    # The transformer with the LoRA layers injected: no-grad calls (rollouts, reference, KL-EMA,
+    # eval) skip PeftModel's per-call wrapper; adapter switches on `model` still apply to it.
+    lora_transformer = model.get_base_model()
     kl_ema_params = adapter_parameters(model, "ema") if has_ema_adapter else []
     train_cfg = config.train
     optimizer = build_optimizer(
@@ -229,7 +232,7 @@ def main(_):
 
     def eval_and_log(tag, epoch):
         rewards, images, prompts = evaluate(
-            pipeline, model, test_prompts, test_metadata, reward_fn, sigmas=eval_sigmas,
+            pipeline, lora_transformer, test_prompts, test_metadata, reward_fn, sigmas=eval_sigmas,
             resolution=config.resolution, batch_size=config.sample.test_batch_size, rank=rank,
             num_processes=world, gather=accelerator.gather, seed=config.seed, device=device,
             max_sequence_length=config.max_sequence_length, limit=config.sample.num_eval_images,
@@ -268,7 +271,7 @@ def main(_):
             sampling_adapter = use_adapter(model, "ema") if train_cfg.off_policy else contextlib.nullcontext()
             with accelerator.autocast(), sampling_adapter:
                 result = rollout(
-                    pipeline, model, embeds, pooled, train_sigmas, config.resolution, generator,
+                    pipeline, lora_transformer, embeds, pooled, train_sigmas, config.resolution, generator,
                     use_sa_solver=train_cfg.use_sa_solver, noise_level=config.sample.noise_level,
                     sde_frac=config.sample.sde_frac, negative=negative, guidance_scale=config.sample.guidance_scale,
                 )
@@ -337,11 +340,11 @@ def main(_):
 
                 def ref_v(x, t):
                     with model.disable_adapter(), accelerator.autocast():
-                        return velocity(model, x, t, embeds, pooled, dtype=inference_dtype)
+                        return velocity(lora_transformer, x, t, embeds, pooled, dtype=inference_dtype)
 
                 def ema_v(x, t):
                     with use_adapter(model, "ema"), accelerator.autocast():
-                        return velocity(model, x, t, embeds, pooled, dtype=inference_dtype)
+                        return velocity(lora_transformer, x, t, embeds, pooled, dtype=inference_dtype)
 
                 with accelerator.accumulate(transformer):
                     loss, metrics = awm_loss(
