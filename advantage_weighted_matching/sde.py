@@ -79,3 +79,18 @@ def sde_sample(velocity_fn, x, sigmas, noise_level, sde_frac, generator=None, de
         if progress is not None:
             progress()
     return latents, torch.stack(log_probs, dim=1)
+
+
+def sde_step_mean_rows(x, velocity, sigma, sigma_next, sigma_max, level):
+    """Row-wise `sde_step_mean` for training: sigma, sigma_next [R] tensors.
+
+    Returns mean [R, ...] and step std [R, 1, ...] (broadcastable to x).
+    """
+    shape = (-1,) + (1,) * (x.ndim - 1)
+    sigma = sigma.to(x.dtype)
+    dt = (sigma_next.to(x.dtype) - sigma).view(shape)
+    denominator = 1.0 - torch.where(sigma == 1.0, torch.full_like(sigma, sigma_max), sigma)
+    std = (torch.sqrt(sigma / denominator) * level).view(shape)
+    sigma = sigma.view(shape)
+    mean = x * (1 + std**2 / (2 * sigma) * dt) + velocity * (1 + std**2 * (1 - sigma) / (2 * sigma)) * dt
+    return mean, std * torch.sqrt(-dt)

@@ -30,3 +30,12 @@ def test_variant_trains(tmp_path, tiny_sd3_dir, overrides):
         for key in ("train/loss", "train/policy_loss", "train/kl_loss", "train/ema_kl_loss", "train/grad_norm"):
             assert math.isfinite(record[key]), (key, record)
     assert metrics[1]["train/kl_loss"] > 0  # the policy moved away from the base model after step 1
+
+
+def test_flow_grpo_baseline_trains(tmp_path, tiny_sd3_dir):
+    metrics = run_training(tmp_path / "run", tiny_sd3_dir, "--config.num_epochs=2", "--config.eval_freq=0",
+                           "--config.save_freq=0", "--config.log_image_freq=0", preset="tiny_cpu_flow_grpo")
+    assert [m["global_step"] for m in metrics] == [1, 2]
+    # On-policy, the recomputed per-step log-probs equal the rollout's: no ratio leaves [1 - 1e-4, 1 + 1e-4].
+    assert all(m["train/clipfrac"] == 0.0 for m in metrics)
+    assert metrics[1]["train/kl_loss"] > 0 and metrics[0]["train/ema_kl_loss"] == 0.0

@@ -58,7 +58,7 @@ def get_config():
 
     # ---- training ----
     config.train = train = ml_collections.ConfigDict()
-    train.algorithm = "awm"  # training objective: "awm" (this paper)
+    train.algorithm = "awm"  # "awm" (this paper) | "flow_grpo" (baseline: per-step SDE likelihood ratios)
     train.batch_size = 1  # samples per micro-batch, per GPU
     train.use_8bit_adam = False  # bitsandbytes AdamW8bit
     train.learning_rate = 3e-4  # peak LR

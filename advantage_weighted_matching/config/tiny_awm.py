@@ -76,7 +76,18 @@ def tiny_cpu_sde():
     return config
 
 
-PRESETS = {"tiny_cpu": tiny_cpu, "tiny_cpu_sde": tiny_cpu_sde}
+def tiny_cpu_flow_grpo():
+    """The Flow-GRPO baseline on the tiny pipeline: SDE rollouts, per-step ratios."""
+    config = tiny_cpu_sde()
+    config.run_name = "tiny_cpu_flow_grpo"
+    config.train.algorithm = "flow_grpo"
+    config.sample.noise_level = 0.7
+    config.train.clip_range = 1e-4
+    config.train.ema_beta = 0.0
+    return config
+
+
+PRESETS = {"tiny_cpu": tiny_cpu, "tiny_cpu_sde": tiny_cpu_sde, "tiny_cpu_flow_grpo": tiny_cpu_flow_grpo}
 
 
 def get_config(name):

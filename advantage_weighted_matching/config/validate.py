@@ -16,7 +16,7 @@ ENUMS = {
     "train.kl_ema_decay_type": ("linear", "constant"),
     "train.lora_type": ("attn", "ffn"),
     "train.lora_init": ("gaussian", "default", "true"),
-    "train.algorithm": ("awm",),  # "flow_grpo" arrives with the baseline (issue F)
+    "train.algorithm": ("awm", "flow_grpo"),
     "prompt_fn": ("general_ocr", "geneval"),
     "mixed_precision": ("no", "fp16", "bf16"),
     "rewards.dtype": ("float32", "float16", "bfloat16"),
@@ -161,8 +161,17 @@ def validate(config, num_processes):
         errors.append("train.cfg=True is not supported: AWM trains the conditional velocity (guidance_scale 1.0)")
     if train.algorithm == "flow_grpo" and train.use_sa_solver:
         errors.append("train.algorithm='flow_grpo' needs SDE rollouts with log-probs: set train.use_sa_solver=False")
-    if train.algorithm == "flow_grpo" and not sample.noise_level > 0:
-        errors.append("train.algorithm='flow_grpo' needs sample.noise_level > 0 (stochastic rollouts)")
+    if train.algorithm == "flow_grpo":
+        if not (sample.noise_level > 0 and sample.sde_frac > 0):
+            errors.append("train.algorithm='flow_grpo' needs stochastic rollouts: sample.noise_level > 0 and "
+                          "sample.sde_frac > 0")
+        eligible = int(sample.num_steps * min(sample.sde_frac, train.timestep_fraction))
+        if train.train_timesteps > eligible:
+            errors.append(f"train.train_timesteps={train.train_timesteps} must be <= int(sample.num_steps * "
+                          f"min(sample.sde_frac, train.timestep_fraction)) = {eligible} for train.algorithm='flow_grpo'")
+        if train.off_policy or train.ema_beta > 0:
+            errors.append("train.algorithm='flow_grpo' is on-policy without KL-EMA: set train.off_policy=False "
+                          "and train.ema_beta=0")
     if not config.pretrained.model:
         errors.append("pretrained.model is empty")
     if not config.dataset:

@@ -35,6 +35,7 @@ from advantage_weighted_matching.advantages import clip_advantages, group_advant
 from advantage_weighted_matching.config import ConfigError, format_batch_plan, validate
 from advantage_weighted_matching.ema import WeightEMA, kl_ema_decay, lerp_
 from advantage_weighted_matching.evaluation import evaluate, summarize
+from advantage_weighted_matching.flow_grpo import flow_grpo_loss, gather_steps, select_sde_steps
 from advantage_weighted_matching.lora import (
     adapter_parameters, add_lora, copy_adapter, load_adapter, lora_config, save_adapter, use_adapter,
 )
@@ -249,6 +250,46 @@ def main(_):
                                                          if isinstance(v, float)), main_process_only=True)
         return summary
 
+    flow_grpo = train_cfg.algorithm == "flow_grpo"
+
+    def micro_batch_loss(samples, rows, cpu_generator, noise_generator):
+        """AWM: flow matching on fresh noisy copies of the clean samples; Flow-GRPO: the
+        stored SDE steps. T timesteps per sample, rows time-major (row k * B + b)."""
+        T = train_cfg.train_timesteps
+        embeds, pooled = samples["embeds"][rows].repeat(T, 1, 1), samples["pooled"][rows].repeat(T, 1)
+
+        def policy_v(x, t):
+            return velocity(transformer, x, t, embeds, pooled, dtype=inference_dtype)
+
+        def ref_v(x, t):
+            with model.disable_adapter(), accelerator.autocast():
+                return velocity(lora_transformer, x, t, embeds, pooled, dtype=inference_dtype)
+
+        def ema_v(x, t):
+            with use_adapter(model, "ema"), accelerator.autocast():
+                return velocity(lora_transformer, x, t, embeds, pooled, dtype=inference_dtype)
+
+        if flow_grpo:
+            steps = select_sde_steps(T, config.sample.num_steps, config.sample.sde_frac, train_cfg.timestep_fraction,
+                                     cpu_generator).to(device)
+            x, x_next, sigma, sigma_next, old_log_probs = gather_steps(
+                samples["latents"][rows], samples["log_probs"][rows], train_sigmas.to(device), steps)
+            return flow_grpo_loss(
+                policy_v, x, x_next, sigma, sigma_next, float(train_sigmas[1]), config.sample.noise_level,
+                old_log_probs, samples["advantages"][rows], clip_range=train_cfg.clip_range, beta=train_cfg.beta,
+                ref_velocity_fn=ref_v,
+            )
+        clean = samples["clean_latents"][rows].repeat(T, 1, 1, 1)
+        t = sample_train_times(train_cfg.time_type, T, len(rows), train_sigmas, train_cfg.timestep_fraction,
+                               train_cfg.time_shift, cpu_generator).reshape(-1).to(device, torch.float32)
+        noise = torch.randn(clean.shape, generator=noise_generator, device=device, dtype=clean.dtype)
+        return awm_loss(
+            policy_v, clean, noise, t, samples["advantages"][rows], T, weighting=train_cfg.weighting,
+            ghuber_power=train_cfg.ghuber_power, loss_type=train_cfg.loss_type, clip_range=train_cfg.clip_range,
+            beta=train_cfg.beta, kl_weight=train_cfg.kl_weight, ref_velocity_fn=ref_v, ema_beta=train_cfg.ema_beta,
+            kl_ema_weight=train_cfg.kl_ema_weight, ema_velocity_fn=ema_v, off_policy=train_cfg.off_policy,
+        )
+
     os.makedirs(os.path.join(save_dir, "samples"), exist_ok=True)
     num_batches, batch_size, k = (config.sample.num_batches_per_epoch, config.sample.train_batch_size,
                                   config.sample.num_image_per_prompt)
@@ -279,6 +320,8 @@ def main(_):
             future = reward_executor.submit(reward_fn, result.images, prompts, metadata, True)
             batches.append({"prompts": prompts, "embeds": embeds, "pooled": pooled, "images": result.images,
                             "clean_latents": result.latents[-1], "rewards": future})
+            if flow_grpo:  # the baseline trains on the stored SDE steps and their log-probs
+                batches[-1].update(latents=torch.stack(result.latents, dim=1), log_probs=result.log_probs)
         timings["sample"] = time.perf_counter() - start
 
         # ================================================================ REWARD
@@ -301,7 +344,8 @@ def main(_):
         )
         advantages = clip_advantages(advantages, train_cfg.adv_clip_max, train_cfg.advantage_max)
         per_rank = num_batches * batch_size
-        samples = {key: torch.cat([b[key] for b in batches]) for key in ("embeds", "pooled", "clean_latents")}
+        sample_keys = ("embeds", "pooled", "clean_latents") + (("latents", "log_probs") if flow_grpo else ())
+        samples = {key: torch.cat([b[key] for b in batches]) for key in sample_keys}
         samples["advantages"] = torch.as_tensor(advantages[rank * per_rank:(rank + 1) * per_rank],
                                                 device=device, dtype=torch.float32)
         epoch_log = {f"reward/{key}": value for key, value in summarize(gathered).items()}
@@ -319,7 +363,7 @@ def main(_):
         model.train()
         cpu_generator = torch.Generator().manual_seed(stream_seed(config.seed, "train", epoch, rank))
         noise_generator = torch.Generator(device).manual_seed(stream_seed(config.seed, "train", epoch, rank))
-        micro, T = train_cfg.batch_size, train_cfg.train_timesteps
+        micro = train_cfg.batch_size
         step_metrics, window_ok = defaultdict(list), True
         for inner_epoch in range(train_cfg.num_inner_epochs):
             order = torch.randperm(per_rank, generator=cpu_generator)
@@ -328,33 +372,8 @@ def main(_):
                     save_checkpoint(epoch)
                     return sys.exit(143)
                 rows = order[m * micro:(m + 1) * micro].to(device)
-                embeds = samples["embeds"][rows].repeat(T, 1, 1)  # time-major: row k * B + b
-                pooled = samples["pooled"][rows].repeat(T, 1)
-                clean = samples["clean_latents"][rows].repeat(T, 1, 1, 1)
-                t = sample_train_times(train_cfg.time_type, T, micro, train_sigmas, train_cfg.timestep_fraction,
-                                       train_cfg.time_shift, cpu_generator).reshape(-1).to(device, torch.float32)
-                noise = torch.randn(clean.shape, generator=noise_generator, device=device, dtype=clean.dtype)
-
-                def policy_v(x, t):
-                    return velocity(transformer, x, t, embeds, pooled, dtype=inference_dtype)
-
-                def ref_v(x, t):
-                    with model.disable_adapter(), accelerator.autocast():
-                        return velocity(lora_transformer, x, t, embeds, pooled, dtype=inference_dtype)
-
-                def ema_v(x, t):
-                    with use_adapter(model, "ema"), accelerator.autocast():
-                        return velocity(lora_transformer, x, t, embeds, pooled, dtype=inference_dtype)
-
                 with accelerator.accumulate(transformer):
-                    loss, metrics = awm_loss(
-                        policy_v, clean, noise, t, samples["advantages"][rows], T,
-                        weighting=train_cfg.weighting, ghuber_power=train_cfg.ghuber_power,
-                        loss_type=train_cfg.loss_type, clip_range=train_cfg.clip_range, beta=train_cfg.beta,
-                        kl_weight=train_cfg.kl_weight, ref_velocity_fn=ref_v, ema_beta=train_cfg.ema_beta,
-                        kl_ema_weight=train_cfg.kl_ema_weight, ema_velocity_fn=ema_v,
-                        off_policy=train_cfg.off_policy,
-                    )
+                    loss, metrics = micro_batch_loss(samples, rows, cpu_generator, noise_generator)
                     finite = bool(accelerator.gather(torch.isfinite(loss.detach()).reshape(1)).all())
                     if finite:  # all ranks agree, so DDP's collectives stay matched
                         accelerator.backward(loss)
