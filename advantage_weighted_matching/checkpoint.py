@@ -161,3 +161,18 @@ def flatten_config(config_dict, prefix=""):
         else:
             flat[f"{prefix}{key}"] = value
     return flat
+
+
+def training_state(stateful, epoch, global_step, sampler_counter):
+    """{name: obj.state_dict()} of the stateful objects that exist, plus the counters."""
+    state = {name: obj.state_dict() for name, obj in stateful.items() if obj is not None}
+    state.update(epoch=epoch, global_step=global_step, sampler_counter=sampler_counter)
+    return state
+
+
+def restore_training_state(state, stateful):
+    """Load each existing object's saved state; returns (epoch, global_step) to continue from."""
+    for name, obj in stateful.items():
+        if obj is not None and state.get(name):
+            obj.load_state_dict(state[name])
+    return state["epoch"], state["global_step"]

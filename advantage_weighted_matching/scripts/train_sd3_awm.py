@@ -179,18 +179,13 @@ def main(_):
         if config.sample.guidance_scale > 1.0 else None
 
     first_epoch, global_step = 0, 0
+    stateful = {"optimizer": optimizer, "lr_scheduler": lr_scheduler, "scaler": accelerator.scaler,
+                "weight_ema": weight_ema}
+    adapter_dirs = {"default": "lora", "ema": "kl_ema_lora"} if has_ema_adapter else {"default": "lora"}
     if resume_path:
-        load_adapter(model, os.path.join(resume_path, "lora"), "default")
-        if has_ema_adapter:
-            load_adapter(model, os.path.join(resume_path, "kl_ema_lora"), "ema")
-        state = ckpt.load_training_state(resume_path)
-        optimizer.load_state_dict(state["optimizer"])
-        lr_scheduler.load_state_dict(state["lr_scheduler"])
-        if accelerator.scaler is not None and state.get("scaler"):
-            accelerator.scaler.load_state_dict(state["scaler"])
-        if weight_ema is not None:
-            weight_ema.load_state_dict(state["weight_ema"])
-        first_epoch, global_step = state["epoch"], state["global_step"]
+        for adapter, name in adapter_dirs.items():
+            load_adapter(model, os.path.join(resume_path, name), adapter)
+        first_epoch, global_step = ckpt.restore_training_state(ckpt.load_training_state(resume_path), stateful)
         ckpt.set_rng_state(ckpt.read_json(os.path.join(resume_path, f"rng_state_{rank}.json")))
         logger.info(f"resumed from {resume_path} at epoch {first_epoch}, step {global_step}", main_process_only=True)
 
@@ -203,20 +198,15 @@ def main(_):
         accelerator.wait_for_everyone()
         ckpt.write_json(os.path.join(temp, f"rng_state_{rank}.json"), ckpt.rng_state())
         if is_main:
-            save_adapter(model, "default", os.path.join(temp, "lora"), lora_cfg)
-            if has_ema_adapter:
-                save_adapter(model, "ema", os.path.join(temp, "kl_ema_lora"), lora_cfg)
-            if weight_ema is not None:
+            for adapter, name in adapter_dirs.items():
+                save_adapter(model, adapter, os.path.join(temp, name), lora_cfg)
+            if weight_ema is not None:  # the weight-EMA as a LoRA of its own, for inference
                 weight_ema.swap(policy_params)
                 save_adapter(model, "default", os.path.join(temp, "ema_lora"), lora_cfg)
                 weight_ema.swap(policy_params)
-            torch.save({
-                "optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
-                "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else {},
-                "weight_ema": weight_ema.state_dict() if weight_ema is not None else {},
-                "epoch": next_epoch, "global_step": global_step,
-                "sampler_counter": next_epoch * config.sample.num_batches_per_epoch,
-            }, os.path.join(temp, "training_state.pt"))
+            state = ckpt.training_state(stateful, next_epoch, global_step,
+                                        next_epoch * config.sample.num_batches_per_epoch)
+            torch.save(state, os.path.join(temp, "training_state.pt"))
             ckpt.write_json(os.path.join(temp, "config.json"), {**config.to_dict(), "num_processes": world})
         accelerator.wait_for_everyone()
         if is_main:

@@ -1,0 +1,143 @@
+"""Trainer and rollout overhead, measured on CPU (issue F.4).
+
+    python benchmarks/overhead.py [--model DIR] [--epochs 4] [--out benchmarks/results/overhead_cpu.json]
+
+1. Trainer overhead = epoch wall time / time inside model calls (transformer,
+   VAE decoder, the three text encoders), from the real training script run
+   in-process on the tiny (or a given) SD3 pipeline. Model time is taken with
+   forward hooks on the outermost model modules and backward hooks on the
+   transformer (CPU execution is synchronous, so hook-to-hook wall time is the
+   time spent in the model).
+2. Rollout overhead = our SA-Solver rollout / `StableDiffusion3Pipeline.__call__`
+   at the same number of transformer calls and the same prompt embeddings.
+"""
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+
+
+class ModelTimer:
+    """Accumulates wall time inside the outermost calls of the hooked modules."""
+
+    def __init__(self):
+        self.total, self.depth, self.started, self.calls = 0.0, 0, 0.0, 0
+
+    def pre(self, module, args):
+        if self.depth == 0:
+            self.started = time.perf_counter()
+        self.depth += 1
+
+    def post(self, module, args, output):
+        self.depth -= 1
+        if self.depth == 0:
+            self.total += time.perf_counter() - self.started
+            self.calls += 1
+
+    def attach(self, modules, backward=()):
+        for module in modules:
+            module.register_forward_pre_hook(self.pre)
+            module.register_forward_hook(self.post)
+        for module in backward:  # the policy's backward pass is model time too
+            module.register_full_backward_pre_hook(lambda module, grad_output: self.pre(module, None))
+            module.register_full_backward_hook(lambda module, grad_input, grad_output: self.post(module, None, None))
+
+
+def trainer_overhead(model_dir, epochs, preset):
+    sys.path.insert(0, os.path.join(REPO, "tests"))
+    from diffusers import StableDiffusion3Pipeline
+    from test_train_e2e import read_metrics, run_training
+
+    timer = ModelTimer()
+    original = StableDiffusion3Pipeline.from_pretrained.__func__
+
+    def timed_from_pretrained(cls, *args, **kwargs):
+        pipeline = original(cls, *args, **kwargs)
+        timer.attach([pipeline.transformer, pipeline.vae.decoder, pipeline.text_encoder, pipeline.text_encoder_2,
+                      pipeline.text_encoder_3], backward=[pipeline.transformer])
+        return pipeline
+
+    StableDiffusion3Pipeline.from_pretrained = classmethod(timed_from_pretrained)
+    try:
+        with tempfile.TemporaryDirectory() as save_dir:
+            metrics = run_training(save_dir, model_dir, f"--config.num_epochs={epochs}", "--config.eval_freq=0",
+                                   "--config.save_freq=0", "--config.log_image_freq=0", preset=preset)
+    finally:
+        StableDiffusion3Pipeline.from_pretrained = classmethod(original)
+    epoch_wall = sum(m["timing/sample"] + m["timing/reward_wait"] + m["timing/train"] for m in metrics)
+    return {"epochs": epochs, "epoch_wall_s": epoch_wall, "model_s": timer.total, "model_calls": timer.calls,
+            "trainer_overhead": epoch_wall / timer.total}
+
+
+def rollout_overhead(model_dir, num_steps, batch, resolution, repeats=5):
+    from diffusers import StableDiffusion3Pipeline
+
+    from advantage_weighted_matching.lora import add_lora, lora_config
+    from advantage_weighted_matching.rollout import encode_prompts, flow_sigmas, rollout
+
+    pipeline = StableDiffusion3Pipeline.from_pretrained(model_dir)
+    pipeline.set_progress_bar_config(disable=True)
+    model = add_lora(pipeline.transformer, lora_config(4, 8, "gaussian", "attn"), with_ema_adapter=True)
+    embeds, pooled = encode_prompts(pipeline, ["a red cup on a table"] * batch, "cpu")
+    sigmas = flow_sigmas(pipeline.scheduler, num_steps)
+
+    def ours():
+        rollout(pipeline, model.get_base_model(), embeds, pooled, sigmas, resolution,
+                torch.Generator().manual_seed(0), use_sa_solver=True, noise_level=0.4)
+
+    def diffusers_call():
+        pipeline(prompt_embeds=embeds, pooled_prompt_embeds=pooled, num_inference_steps=num_steps, guidance_scale=1.0,
+                 height=resolution, width=resolution, generator=torch.Generator().manual_seed(0), output_type="pt")
+
+    def median(fn):
+        fn()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return sorted(times)[len(times) // 2]
+
+    ours_s, diffusers_s = median(ours), median(diffusers_call)
+    return {"num_steps": num_steps, "batch": batch, "ours_s": ours_s, "diffusers_call_s": diffusers_s,
+            "rollout_overhead": ours_s / diffusers_s}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="", help="SD3 pipeline dir (default: build the tiny one in a temp dir)")
+    parser.add_argument("--preset", default="tiny_cpu")
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--out", default=os.path.join(HERE, "results", "overhead_cpu.json"))
+    args = parser.parse_args()
+    os.environ.setdefault("WANDB_MODE", "disabled")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    torch.set_num_threads(2)
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = args.model
+        if not model_dir:
+            from advantage_weighted_matching.tiny_sd3 import build_tiny_sd3
+
+            model_dir = build_tiny_sd3(os.path.join(tmp, "tiny"), seed=0)
+        report = {
+            "machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}",
+            "model": args.model or "tiny SD3 (advantage_weighted_matching.tiny_sd3, seed 0)",
+            "trainer": trainer_overhead(model_dir, args.epochs, args.preset),
+            "rollout": rollout_overhead(model_dir, num_steps=14, batch=6, resolution=32),
+        }
+    print(json.dumps(report, indent=1))
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(report, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
