@@ -157,7 +157,7 @@ def main(_):
 
     from advantage_weighted_matching.evaluation import evaluate, summarize
     from advantage_weighted_matching.prompts import eval_indices
-    from advantage_weighted_matching.rollout import flow_sigmas
+    from advantage_weighted_matching.rollout import flow_sigmas, load_pipeline
     from advantage_weighted_matching.visualize import caption, image_grid
 
     start = time.perf_counter()
@@ -172,20 +172,9 @@ def main(_):
         from advantage_weighted_matching.tiny_sd3 import ensure_tiny_sd3
 
         ensure_tiny_sd3(config.pretrained.model, config.pretrained.tiny_seed)
-    from diffusers import StableDiffusion3Pipeline
-
-    pipeline = StableDiffusion3Pipeline.from_pretrained(
-        config.pretrained.model, revision=config.pretrained.revision, torch_dtype=inference_dtype
-    )
-    pipeline.set_progress_bar_config(disable=True)
-    for module in (pipeline.vae, pipeline.text_encoder, pipeline.text_encoder_2, pipeline.text_encoder_3,
-                   pipeline.transformer):
-        module.requires_grad_(False)
+    pipeline = load_pipeline(config.pretrained.model, config.pretrained.revision, inference_dtype, device)
     if lora_dir:
         _load_lora(pipeline, lora_dir)
-    pipeline.to(device)
-    if inference_dtype != torch.float32:
-        pipeline.vae.to(torch.float32)  # decode in fp32, as in training
     pipeline.transformer.eval()
 
     from advantage_weighted_matching.rewards import multi_score

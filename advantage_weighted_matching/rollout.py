@@ -23,6 +23,23 @@ class Rollout:
     sigmas: torch.Tensor  # [num_steps + 1] the SD3 flow grid used (ends in 0)
 
 
+def load_pipeline(model, revision, dtype, device):
+    """`StableDiffusion3Pipeline.from_pretrained` with every module frozen, moved to `device`.
+
+    The VAE stays in float32: decoding in fp16 leaves artefacts the rewards would see.
+    """
+    from diffusers import StableDiffusion3Pipeline
+
+    pipeline = StableDiffusion3Pipeline.from_pretrained(model, revision=revision, torch_dtype=dtype)
+    pipeline.set_progress_bar_config(disable=True)
+    for module in (pipeline.vae, pipeline.text_encoder, pipeline.text_encoder_2, pipeline.text_encoder_3,
+                   pipeline.transformer):
+        module.requires_grad_(False)
+    pipeline.to(device)
+    pipeline.vae.to(torch.float32)
+    return pipeline
+
+
 def flow_sigmas(scheduler, num_steps):
     """The SD3 FlowMatchEulerDiscreteScheduler grid for `num_steps` (num_steps + 1 entries, last 0).
 

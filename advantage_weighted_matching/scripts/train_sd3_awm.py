@@ -42,7 +42,7 @@ from advantage_weighted_matching.lora import (
 from advantage_weighted_matching.objective import awm_loss
 from advantage_weighted_matching.optim import build_lr_scheduler, build_optimizer
 from advantage_weighted_matching.prompts import k_repeat_indices, load_prompts
-from advantage_weighted_matching.rollout import encode_prompts, flow_sigmas, rollout, velocity
+from advantage_weighted_matching.rollout import encode_prompts, flow_sigmas, load_pipeline, rollout, velocity
 from advantage_weighted_matching.timesteps import sample_train_times
 from advantage_weighted_matching.visualize import caption, image_grid
 
@@ -130,18 +130,8 @@ def main(_):
         if is_main:
             ensure_tiny_sd3(config.pretrained.model, config.pretrained.tiny_seed)
         accelerator.wait_for_everyone()
-    from diffusers import StableDiffusion3Pipeline
-
     inference_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
-    pipeline = StableDiffusion3Pipeline.from_pretrained(
-        config.pretrained.model, revision=config.pretrained.revision, torch_dtype=inference_dtype
-    )
-    pipeline.set_progress_bar_config(disable=True)
-    for module in (pipeline.vae, pipeline.text_encoder, pipeline.text_encoder_2, pipeline.text_encoder_3,
-                   pipeline.transformer):
-        module.requires_grad_(False)
-    pipeline.to(device)
-    pipeline.vae.to(torch.float32)  # decode in fp32: fp16 VAE artefacts would leak into rewards
+    pipeline = load_pipeline(config.pretrained.model, config.pretrained.revision, inference_dtype, device)
 
     lora_cfg = lora_config(config.train.lora_rank, config.train.lora_alpha, config.train.lora_init,
                            config.train.lora_type)
