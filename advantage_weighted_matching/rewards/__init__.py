@@ -132,6 +132,12 @@ def _brightness_factory(device, reward_config):
     return make_brightness_scorer(device, resolve_reward_config(reward_config))
 
 
+def _shapes_factory(device, reward_config):
+    from .shapes import make_shapes_scorer
+
+    return make_shapes_scorer(device, resolve_reward_config(reward_config))
+
+
 def _ocr_factory(device, reward_config):
     from .ocr import make_ocr_scorer
 
@@ -161,6 +167,7 @@ REWARDS = {
     "ocr": _ocr_factory,
     "pickscore": _pickscore_factory,
     "geneval": _geneval_factory,
+    "shapes": _shapes_factory,
 }
 
 
