@@ -12,10 +12,13 @@ KL-EMA; Flow-GRPO: SDE rollouts with noise 0.7, per-step ratios clipped at
 1e-4, velocity KL). The two runs of a seed run side by side (one thread each)
 so they see the same machine load.
 
-Reported (JSON + PNG): per-epoch training reward (mean over seeds), against
-cumulative epoch wall time (sample + reward wait + train) and against images
-sampled; speedup = Flow-GRPO's time to its best smoothed reward / AWM's time
-to first reach that reward (per seed, then the median).
+Reported (JSON + PNG): the evaluation reward on the 24 fixed test prompts
+(deterministic ODE sampling every `eval_freq` epochs; per-epoch training
+rewards of 32 images vary more with the prompts drawn than with learning)
+against cumulative training wall time (sample + reward wait + train, eval
+excluded) and against images sampled; speedup = Flow-GRPO's time to its best
+smoothed eval reward / AWM's time to first reach that reward (per seed, then
+the median over seeds where AWM reaches it).
 """
 
 import argparse
@@ -61,7 +64,13 @@ def read_curve(save_dir):
             records[record["epoch"]] = record
     ordered = [records[e] for e in sorted(records)]
     wall = np.cumsum([r["timing/sample"] + r["timing/reward_wait"] + r["timing/train"] for r in ordered])
-    return {"reward": [r["reward/avg"] for r in ordered], "wall_s": wall.tolist()}
+    evaluated = [i for i, r in enumerate(ordered) if "eval/avg" in r]
+    return {
+        "reward": [r["reward/avg"] for r in ordered], "wall_s": wall.tolist(),
+        # the fixed test prompts, every eval_freq epochs: the low-noise learning curve
+        "eval_epoch": [ordered[i]["epoch"] + 1 for i in evaluated], "eval_reward": [ordered[i]["eval/avg"] for i in evaluated],
+        "eval_wall_s": [float(wall[i]) for i in evaluated],
+    }
 
 
 def smooth(values, window=5):
@@ -72,14 +81,15 @@ def smooth(values, window=5):
     return (cumulative[1:] - cumulative[np.arange(1, len(values) + 1) - counts]) / counts
 
 
-def speedup(awm, flow_grpo, window=5):
-    """Flow-GRPO's time to its best smoothed reward / AWM's time to first reach it (None if AWM never does)."""
-    fg, aw = smooth(flow_grpo["reward"], window), smooth(awm["reward"], window)
+def speedup(awm, flow_grpo, window=2):
+    """Flow-GRPO's training time to its best smoothed eval reward / AWM's time to first reach it
+    (None if AWM never does). Smoothing: trailing mean over `window` evaluations."""
+    fg, aw = smooth(flow_grpo["eval_reward"], window), smooth(awm["eval_reward"], window)
     best = int(np.argmax(fg))
     reached = np.nonzero(aw >= fg[best])[0]
     if not len(reached):
         return None, float(fg[best])
-    return flow_grpo["wall_s"][best] / awm["wall_s"][int(reached[0])], float(fg[best])
+    return flow_grpo["eval_wall_s"][best] / awm["eval_wall_s"][int(reached[0])], float(fg[best])
 
 
 def plot(curves, images_per_epoch, path):
@@ -91,17 +101,17 @@ def plot(curves, images_per_epoch, path):
     figure, (by_time, by_samples) = plt.subplots(1, 2, figsize=(11, 4))
     for algorithm, color in zip(ALGORITHMS, ("tab:blue", "tab:orange")):
         runs = curves[algorithm]
-        rewards = np.array([smooth(run["reward"]) for run in runs])
-        wall = np.array([run["wall_s"] for run in runs]).mean(axis=0)
-        samples = images_per_epoch * np.arange(1, rewards.shape[1] + 1)
+        rewards = np.array([run["eval_reward"] for run in runs])
+        wall = np.array([run["eval_wall_s"] for run in runs]).mean(axis=0)
+        samples = images_per_epoch * np.array(runs[0]["eval_epoch"])
         mean, low, high = rewards.mean(0), rewards.min(0), rewards.max(0)
         for axis, x in ((by_time, wall), (by_samples, samples)):
             axis.plot(x, mean, color=color, label=f"{algorithm} (mean of {len(runs)} seeds)")
             axis.fill_between(x, low, high, color=color, alpha=0.2)
-    by_time.set_xlabel("training wall-clock (s, sample + reward + train)")
+    by_time.set_xlabel("training wall-clock (s, sample + reward + train; eval excluded)")
     by_samples.set_xlabel("images sampled")
     for axis in (by_time, by_samples):
-        axis.set_ylabel("training reward (5-epoch moving average)")
+        axis.set_ylabel("eval reward (24 fixed test prompts, ODE)")
         axis.grid(alpha=0.3)
         axis.legend()
     figure.suptitle("AWM vs Flow-GRPO on the CPU toy task (shapes reward)")
@@ -112,7 +122,7 @@ def plot(curves, images_per_epoch, path):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--out", default=os.path.join(HERE, "out"))
     parser.add_argument("--model", default="", help="pretrained toy pipeline dir (default: cached, built if missing)")
     args, extra = parser.parse_known_args()
@@ -141,8 +151,9 @@ def main():
         "seeds": args.seeds, "epochs": args.epochs, "images_per_epoch": images_per_epoch,
         "speedup_per_seed": speedups, "speedup_median": float(np.median(reached)) if reached else None,
         "flow_grpo_best_smoothed_reward": targets,
-        "final_smoothed_reward": {a: [float(smooth(c["reward"])[-1]) for c in curves[a]] for a in ALGORITHMS},
-        "initial_reward": {a: [c["reward"][0] for c in curves[a]] for a in ALGORITHMS},
+        "eval_reward_mean": {a: np.mean([c["eval_reward"] for c in curves[a]], axis=0).tolist() for a in ALGORITHMS},
+        "eval_epochs": curves["awm"][0]["eval_epoch"],
+        "first_epoch_train_reward": {a: [c["reward"][0] for c in curves[a]] for a in ALGORITHMS},
         "wall_s_per_epoch": {a: float(np.mean([c["wall_s"][-1] / len(c["wall_s"]) for c in curves[a]]))
                              for a in ALGORITHMS},
         "curves": curves, "pretrain_or_cache_s": pretrain_s, "total_s": time.time() - started,
