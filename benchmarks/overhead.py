@@ -33,12 +33,16 @@ class ModelTimer:
 
     def pre(self, module, args):
         if self.depth == 0:
+            if torch.cuda.is_available():  # GPU work is asynchronous: time it to completion
+                torch.cuda.synchronize()
             self.started = time.perf_counter()
         self.depth += 1
 
     def post(self, module, args, output):
         self.depth -= 1
         if self.depth == 0:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
             self.total += time.perf_counter() - self.started
             self.calls += 1
 
@@ -51,7 +55,7 @@ class ModelTimer:
             module.register_full_backward_hook(lambda module, grad_input, grad_output: self.post(module, None, None))
 
 
-def trainer_overhead(model_dir, epochs, preset):
+def trainer_overhead(model_dir, epochs, preset, overrides=()):
     sys.path.insert(0, os.path.join(REPO, "tests"))
     from diffusers import StableDiffusion3Pipeline
     from test_train_e2e import read_metrics, run_training
@@ -69,7 +73,7 @@ def trainer_overhead(model_dir, epochs, preset):
     try:
         with tempfile.TemporaryDirectory() as save_dir:
             metrics = run_training(save_dir, model_dir, f"--config.num_epochs={epochs}", "--config.eval_freq=0",
-                                   "--config.save_freq=0", "--config.log_image_freq=0", preset=preset)
+                                   "--config.save_freq=0", "--config.log_image_freq=0", *overrides, preset=preset)
     finally:
         StableDiffusion3Pipeline.from_pretrained = classmethod(original)
     epoch_wall = sum(m["timing/sample"] + m["timing/reward_wait"] + m["timing/train"] for m in metrics)
