@@ -66,6 +66,41 @@ def use_adapter(model, adapter):
         model.set_adapter("default")
 
 
+class AdapterSwitch:
+    """`use_adapter` / `disable_adapter` over the LoRA layers found once.
+
+    peft's model-level switches walk the whole module tree on every call (for
+    SD3.5-Medium about 36 ms to swap adapters and 88 ms to disable them, here);
+    the training step switches four times per micro-batch. Per-layer
+    `set_adapter` keeps peft's requires_grad rule: only the active adapter trains.
+    """
+
+    def __init__(self, model):
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        self.layers = [module for module in model.modules() if isinstance(module, BaseTunerLayer)]
+
+    @contextlib.contextmanager
+    def use(self, adapter):
+        for layer in self.layers:
+            layer.set_adapter(adapter)
+        try:
+            yield
+        finally:
+            for layer in self.layers:
+                layer.set_adapter("default")
+
+    @contextlib.contextmanager
+    def disabled(self):
+        for layer in self.layers:
+            layer.enable_adapters(False)
+        try:
+            yield
+        finally:
+            for layer in self.layers:
+                layer.enable_adapters(True)
+
+
 def adapter_state_dict(model, adapter):
     """diffusers-style LoRA state dict (no `base_model.model.` prefix, no adapter name)."""
     from peft import get_peft_model_state_dict

@@ -79,7 +79,7 @@ def timed(fn, device, repeats):
 def main():
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 
-    from advantage_weighted_matching.lora import add_lora, adapter_parameters, lora_config, use_adapter
+    from advantage_weighted_matching.lora import AdapterSwitch, add_lora, adapter_parameters, lora_config
     from advantage_weighted_matching.objective import awm_loss
     from advantage_weighted_matching.rollout import flow_sigmas, rollout, velocity
     from advantage_weighted_matching.timesteps import sample_train_times
@@ -113,6 +113,7 @@ def main():
         for param in adapter_parameters(model, adapter):
             param.data = param.data.float()
     policy_params = adapter_parameters(model, "default")
+    switch = AdapterSwitch(model)  # as the trainer switches adapters
     with torch.no_grad():  # a non-zero LoRA so policy, base and ema differ
         for param in policy_params:
             param.add_(torch.randn_like(param) * 1e-3)
@@ -167,11 +168,11 @@ def main():
                 return velocity(model, x, t, row_embeds, row_pooled, dtype=dtype)
 
         def v_ref(x, t):
-            with model.disable_adapter(), autocast:
+            with switch.disabled(), autocast:
                 return velocity(model.get_base_model(), x, t, row_embeds, row_pooled, dtype=dtype)
 
         def v_ema(x, t):
-            with use_adapter(model, "ema"), autocast:
+            with switch.use("ema"), autocast:
                 return velocity(model.get_base_model(), x, t, row_embeds, row_pooled, dtype=dtype)
 
         loss, metrics = awm_loss(v_policy, clean_rows, noise, t, advantages, timesteps, weighting="ghuber",

@@ -16,6 +16,7 @@ from advantage_weighted_matching.lora import (
     load_adapter,
     lora_config,
     save_adapter,
+    AdapterSwitch,
     use_adapter,
 )
 
@@ -236,3 +237,27 @@ def test_load_adapter_missing_path(tmp_path, lora_model):
     model, _ = lora_model
     with pytest.raises(FileNotFoundError, match="no LoRA weights"):
         load_adapter(model, str(tmp_path), "default")
+
+
+def test_adapter_switch_matches_peft_switches(tiny_sd3_dir, lora_model):
+    model, _ = lora_model
+    _perturb(model, "default", seed=1)
+    _perturb(model, "ema", seed=2)
+    inputs, switch = _inputs(4), AdapterSwitch(model)
+    assert len(switch.layers) == len(ATTN_LORA_MODULES)
+    out_default = _forward(model, inputs)
+    with use_adapter(model, "ema"):
+        expected_ema = _forward(model, inputs)
+    with model.disable_adapter():
+        expected_base = _forward(model, inputs)
+    with switch.use("ema"):
+        assert torch.equal(_forward(model.get_base_model(), inputs), expected_ema)
+        assert not any(p.requires_grad for p in adapter_parameters(model, "default"))
+    with switch.disabled():
+        assert torch.equal(_forward(model.get_base_model(), inputs), expected_base)
+    with pytest.raises(RuntimeError, match="boom"), switch.use("ema"):
+        raise RuntimeError("boom")
+    assert torch.equal(_forward(model, inputs), out_default)  # back to the policy, gradients on it alone
+    assert all(p.requires_grad for p in adapter_parameters(model, "default"))
+    assert not any(p.requires_grad for p in adapter_parameters(model, "ema"))
+    assert not torch.equal(expected_ema, out_default) and not torch.equal(expected_base, out_default)

@@ -37,7 +37,7 @@ from advantage_weighted_matching.ema import WeightEMA, kl_ema_decay, lerp_
 from advantage_weighted_matching.evaluation import evaluate, summarize
 from advantage_weighted_matching.flow_grpo import flow_grpo_loss, gather_steps, select_sde_steps
 from advantage_weighted_matching.lora import (
-    adapter_parameters, add_lora, copy_adapter, load_adapter, lora_config, save_adapter, use_adapter,
+    AdapterSwitch, adapter_parameters, add_lora, copy_adapter, load_adapter, lora_config, save_adapter,
 )
 from advantage_weighted_matching.objective import awm_loss
 from advantage_weighted_matching.optim import build_lr_scheduler, build_optimizer
@@ -148,6 +148,7 @@ def main(_):
     # The transformer with the LoRA layers injected: no-grad calls (rollouts, reference, KL-EMA,
     # eval) skip PeftModel's per-call wrapper; adapter switches on `model` still apply to it.
     lora_transformer = model.get_base_model()
+    adapters = AdapterSwitch(model)  # cheap adapter switches for the per-micro-batch forwards
     kl_ema_params = adapter_parameters(model, "ema") if has_ema_adapter else []
     train_cfg = config.train
     optimizer = build_optimizer(
@@ -242,11 +243,11 @@ def main(_):
             return velocity(transformer, x, t, embeds, pooled, dtype=inference_dtype)
 
         def ref_v(x, t):
-            with model.disable_adapter(), accelerator.autocast():
+            with adapters.disabled(), accelerator.autocast():
                 return velocity(lora_transformer, x, t, embeds, pooled, dtype=inference_dtype)
 
         def ema_v(x, t):
-            with use_adapter(model, "ema"), accelerator.autocast():
+            with adapters.use("ema"), accelerator.autocast():
                 return velocity(lora_transformer, x, t, embeds, pooled, dtype=inference_dtype)
 
         if flow_grpo:
@@ -289,7 +290,7 @@ def main(_):
             prompts, metadata = [train_prompts[j] for j in indices], [train_metadata[j] for j in indices]
             embeds, pooled = encode_prompts(pipeline, prompts, device, config.max_sequence_length)
             generator = torch.Generator(device).manual_seed(stream_seed(config.seed, "rollout", counter, rank))
-            sampling_adapter = use_adapter(model, "ema") if train_cfg.off_policy else contextlib.nullcontext()
+            sampling_adapter = adapters.use("ema") if train_cfg.off_policy else contextlib.nullcontext()
             with accelerator.autocast(), sampling_adapter:
                 result = rollout(
                     pipeline, lora_transformer, embeds, pooled, train_sigmas, config.resolution, generator,
