@@ -189,7 +189,7 @@ def main(_):
     num_batches = len(eval_indices(len(prompts), 1, batch_size, 0, limit))
     start = time.perf_counter()
     with tqdm(total=num_batches, desc=f"eval {split}", unit="batch") as bar:
-        rewards, images, image_prompts = evaluate(
+        rewards, images, image_prompts, num_failures = evaluate(
             pipeline, pipeline.transformer, prompts, metadata, reward_fn, sigmas=eval_sigmas,
             resolution=config.resolution, batch_size=batch_size, rank=0, num_processes=1, gather=lambda x: x,
             seed=config.seed, device=device, max_sequence_length=config.max_sequence_length, limit=limit,
@@ -209,6 +209,7 @@ def main(_):
         "pretrained_model": config.pretrained.model,
         "split": split,
         "num_images": num_images,
+        "num_reward_failures": num_failures,
         "eval_num_steps": config.sample.eval_num_steps,
         "resolution": config.resolution,
         "seed": config.seed,

@@ -36,10 +36,11 @@ def evaluate(
     """Sample and score the test prompts. `gather(tensor)` concatenates over ranks.
 
     Returns (rewards: dict key -> np.ndarray over all ranks' images, in rank
-    order, padding removed; local images [n, 3, H, W] on CPU; local prompts).
+    order, padding removed; local images [n, 3, H, W] on CPU; local prompts;
+    images whose reward scoring failed, over all ranks).
     """
     batches = eval_indices(len(prompts), num_processes, batch_size, rank, limit)
-    local_rewards, local_valid, images_out, prompts_out = {}, [], [], []
+    local_rewards, local_valid, images_out, prompts_out, num_failures = {}, [], [], [], 0
     for batch_index, indices in enumerate(batches):
         valid = [i >= 0 for i in indices]
         real = [i if i >= 0 else 0 for i in indices]  # pad with prompt 0, dropped after gather
@@ -52,7 +53,8 @@ def evaluate(
                 pipeline, transformer, embeds, pooled, sigmas, resolution, generator, use_sa_solver=False,
                 deterministic=True,
             )
-        scores, _ = reward_fn(result.images, batch_prompts, batch_metadata, False)
+        scores, info = reward_fn(result.images, batch_prompts, batch_metadata, False)
+        num_failures += int(info.get("num_failures", 0))
         for key, values in scores.items():
             local_rewards.setdefault(key, []).append(np.asarray(values, dtype=np.float64))
         local_valid.extend(valid)
@@ -67,4 +69,5 @@ def evaluate(
         values = torch.as_tensor(np.concatenate(chunks), device=device, dtype=torch.float64)
         rewards[key] = gather(values).cpu().numpy()[mask]
     images = torch.cat(images_out) if images_out else torch.empty(0)
-    return rewards, images, prompts_out
+    num_failures = int(gather(torch.tensor([num_failures], device=device)).sum())
+    return rewards, images, prompts_out, num_failures

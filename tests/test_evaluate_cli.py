@@ -98,7 +98,7 @@ def test_jpeg_lora_vs_base_deterministic(tiny_sd3_dir, run_dir, tmp_path):
         assert proc.returncode == 0, proc.stderr[-3000:]
         out = out or checkpoint / "eval_test"
         summary, lines = read_outputs(out)
-        assert summary["num_images"] == 4 and len(lines) == 4
+        assert summary["num_images"] == 4 and len(lines) == 4 and summary["num_reward_failures"] == 0
         assert summary["eval_num_steps"] == 6 and summary["split"] == "test" and summary["preset"] == "tiny_cpu"
         assert summary["config"].endswith("tiny_awm.py:tiny_cpu") and summary["dtype"] == "float32"
         assert set(summary["rewards"]) == {"avg", "jpeg_compressibility"}

@@ -79,6 +79,7 @@ def test_two_epochs_train_lora_only_and_checkpoint_reloads(tmp_path, tiny_sd3_di
     assert metrics[-1]["global_step"] == 2  # one optimizer step per epoch
     assert metrics[1]["train/kl_loss"] > 0  # the policy left the base model after step 1
     assert "eval/avg" in metrics[1] and "eval_ema/avg" in metrics[1]
+    assert metrics[1]["eval/num_failures"] == 0 and metrics[1]["reward/num_failures"] == 0
 
     trained = pipeline_spy[0]
     model = trained.transformer  # peft injected the LoRA layers into it in place

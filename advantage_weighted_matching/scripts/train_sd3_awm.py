@@ -213,7 +213,7 @@ def main(_):
         return bool(accelerator.gather(flag).max() > 0)
 
     def eval_and_log(tag, epoch):
-        rewards, images, prompts = evaluate(
+        rewards, images, prompts, num_failures = evaluate(
             pipeline, lora_transformer, test_prompts, test_metadata, reward_fn, sigmas=eval_sigmas,
             resolution=config.resolution, batch_size=config.sample.test_batch_size, rank=rank,
             num_processes=world, gather=accelerator.gather, seed=config.seed, device=device,
@@ -222,6 +222,7 @@ def main(_):
             progress=tqdm(desc=f"{tag}", disable=not is_main, leave=False).update,
         )
         summary = {f"{tag}/{key}": value for key, value in summarize(rewards).items()}
+        summary[f"{tag}/num_failures"] = num_failures
         if is_main and len(images):
             grid = image_grid(images[:16], [caption(p, r) for p, r in zip(prompts, rewards["avg"])])
             grid.save(os.path.join(save_dir, "samples", f"{tag}_epoch{epoch:06d}.png"))
