@@ -115,9 +115,10 @@ def rollout(
     """
     device = prompt_embeds.device
     x = initial_noise(pipeline, prompt_embeds.shape[0], resolution, device, generator)
+    dtype = transformer.dtype  # once: diffusers' `dtype` walks every submodule on each access
 
     def v(x, t):
-        return velocity(transformer, x, t, prompt_embeds, pooled, negative, guidance_scale)
+        return velocity(transformer, x, t, prompt_embeds, pooled, negative, guidance_scale, dtype=dtype)
 
     if use_sa_solver and not deterministic:
         grid = sa_solver_time_grid(sigmas)

@@ -81,7 +81,7 @@ def trainer_overhead(model_dir, epochs, preset, overrides=()):
             "trainer_overhead": epoch_wall / timer.total}
 
 
-def rollout_overhead(model_dir, num_steps, batch, resolution, repeats=5):
+def rollout_overhead(model_dir, num_steps, batch, resolution, repeats=11):
     from diffusers import StableDiffusion3Pipeline
 
     from advantage_weighted_matching.lora import add_lora, lora_config
@@ -101,16 +101,15 @@ def rollout_overhead(model_dir, num_steps, batch, resolution, repeats=5):
         pipeline(prompt_embeds=embeds, pooled_prompt_embeds=pooled, num_inference_steps=num_steps, guidance_scale=1.0,
                  height=resolution, width=resolution, generator=torch.Generator().manual_seed(0), output_type="pt")
 
-    def median(fn):
+    def timed(fn):
+        start = time.perf_counter()
         fn()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return sorted(times)[len(times) // 2]
+        return time.perf_counter() - start
 
-    ours_s, diffusers_s = median(ours), median(diffusers_call)
+    ours(), diffusers_call()  # warm-up
+    pairs = [(timed(ours), timed(diffusers_call)) for _ in range(repeats)]  # interleaved: same machine state
+    ours_s = sorted(p[0] for p in pairs)[repeats // 2]
+    diffusers_s = sorted(p[1] for p in pairs)[repeats // 2]
     return {"num_steps": num_steps, "batch": batch, "ours_s": ours_s, "diffusers_call_s": diffusers_s,
             "rollout_overhead": ours_s / diffusers_s}
 
