@@ -101,7 +101,7 @@ def _preset_num_processes(config_spec):
     """PRESET_NUM_PROCESSES[preset] of the config module, if it defines one."""
     import importlib.util
 
-    preset = config_spec.partition(":")[2]
+    file_name, _, preset = config_spec.partition(":")
     try:
         spec = importlib.util.spec_from_file_location("_awm_eval_config", file_name)
         module = importlib.util.module_from_spec(spec)

@@ -58,7 +58,7 @@ class ModelTimer:
 def trainer_overhead(model_dir, epochs, preset, overrides=()):
     sys.path.insert(0, os.path.join(REPO, "tests"))
     from diffusers import StableDiffusion3Pipeline
-    from test_train_e2e import read_metrics, run_training
+    from test_train_e2e import run_training
 
     timer = ModelTimer()
     original = StableDiffusion3Pipeline.from_pretrained.__func__

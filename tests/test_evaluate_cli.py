@@ -164,3 +164,11 @@ def test_bad_input_fails_before_models(tmp_path):
     proc = run_cli("--checkpoint", "none", f"--config={TINY_CONFIG}:tiny_cpu", "--config.sample.no_such_key=3")
     assert proc.returncode != 0
     assert "no_such_key" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_preset_process_count_read_from_the_preset_module():
+    from advantage_weighted_matching.evaluate import _preset_num_processes
+
+    assert _preset_num_processes("advantage_weighted_matching/config/dgx_awm.py:geneval_sd3_no_cfg_4nodes") == 32
+    assert _preset_num_processes("advantage_weighted_matching/config/dgx_awm.py:ocr_sd3_no_cfg_1node") == 8
+    assert _preset_num_processes("advantage_weighted_matching/config/tiny_awm.py:tiny_cpu") == 1  # no table: 1

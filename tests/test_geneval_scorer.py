@@ -21,7 +21,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_rewards_pickscore import build_tiny_clip  # noqa: E402
 
-from advantage_weighted_matching import rewards  # noqa: E402
 from advantage_weighted_matching.rewards import REWARDS, multi_score  # noqa: E402
 from advantage_weighted_matching.rewards.geneval import boxes_from_masks, load_object_names, masked_box_crop  # noqa: E402
 from advantage_weighted_matching.rewards.geneval_rules import COLORS, TAGS  # noqa: E402

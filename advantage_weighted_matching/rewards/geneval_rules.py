@@ -17,7 +17,7 @@ classifier ``classify_colours(class_name, objects) -> [colour per object]``
 """
 
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import numpy as np
 

@@ -7,7 +7,6 @@ the batch (``round(x * 255)``), then one PIL JPEG encode per image.
 
 import io
 
-import numpy as np
 from PIL import Image
 
 from . import images_to_uint8_hwc, score_each

@@ -347,7 +347,7 @@ def main(_):
         noise_generator = torch.Generator(device).manual_seed(stream_seed(config.seed, "train", epoch, rank))
         micro = train_cfg.batch_size
         step_metrics, window_ok = defaultdict(list), True
-        for inner_epoch in range(train_cfg.num_inner_epochs):
+        for _ in range(train_cfg.num_inner_epochs):
             order = torch.randperm(per_rank, generator=cpu_generator)
             for m in tqdm(range(per_rank // micro), desc=f"epoch {epoch} train", disable=not is_main, leave=False):
                 if steps_this_epoch == 0 and stop_requested():
