@@ -143,6 +143,17 @@ def read_json(path):
         return json.load(f)
 
 
+def read_metrics(save_dir):
+    """The run's per-epoch `metrics.jsonl` records in epoch order; after a resume the
+    last record of an epoch wins (the killed run may have logged it already)."""
+    records = {}
+    with open(os.path.join(save_dir, "metrics.jsonl")) as f:
+        for line in f:
+            record = json.loads(line)
+            records[record["epoch"]] = record
+    return [records[epoch] for epoch in sorted(records)]
+
+
 def load_training_state(path, map_location="cpu"):
     return torch.load(os.path.join(path, "training_state.pt"), map_location=map_location, weights_only=True)
 

@@ -106,14 +106,21 @@ def build_tiny_sd3(out_dir, seed=0):
         text_encoder_2=text_encoder_2, tokenizer_2=clip_tokenizer, text_encoder_3=text_encoder_3,
         tokenizer_3=t5_tokenizer,
     )
-    # Write to a sibling temp dir and rename: a half-written pipeline never
-    # appears at `out_dir` (tests and the tiny preset build it on demand).
+    return save_pipeline_atomic(pipeline, out_dir)
+
+
+def save_pipeline_atomic(pipeline, out_dir, extra_files=None):
+    """`save_pretrained` into a sibling temp dir, add `extra_files` (name -> text), rename to `out_dir`:
+    a half-written pipeline never appears at `out_dir` (models are built on demand)."""
     out_dir = os.path.abspath(out_dir)
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
-    tmp_dir = tempfile.mkdtemp(prefix=".tiny_sd3_", dir=parent)
+    tmp_dir = tempfile.mkdtemp(prefix=".sd3_pipeline_", dir=parent)
     try:
         pipeline.save_pretrained(tmp_dir, safe_serialization=True)
+        for name, text in (extra_files or {}).items():
+            with open(os.path.join(tmp_dir, name), "w", encoding="utf-8") as f:
+                f.write(text)
         if os.path.exists(out_dir):
             shutil.rmtree(out_dir)
         os.replace(tmp_dir, out_dir)

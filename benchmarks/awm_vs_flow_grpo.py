@@ -57,12 +57,9 @@ def run_pair(seed, epochs, out_dir, model_dir, extra):
 
 
 def read_curve(save_dir):
-    records = {}
-    with open(os.path.join(save_dir, "metrics.jsonl")) as f:
-        for line in f:
-            record = json.loads(line)
-            records[record["epoch"]] = record
-    ordered = [records[e] for e in sorted(records)]
+    from advantage_weighted_matching.checkpoint import read_metrics
+
+    ordered = read_metrics(save_dir)
     wall = np.cumsum([r["timing/sample"] + r["timing/reward_wait"] + r["timing/train"] for r in ordered])
     evaluated = [i for i, r in enumerate(ordered) if "eval/avg" in r]
     return {

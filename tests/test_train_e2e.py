@@ -4,7 +4,6 @@ The script's `main` runs in-process so the test can inspect the very pipeline
 it trained (a spy on `from_pretrained`, not a fake: the real loader runs).
 """
 
-import json
 import os
 import sys
 
@@ -12,6 +11,7 @@ import pytest
 import torch
 from accelerate.state import AcceleratorState, GradientState
 
+from advantage_weighted_matching.checkpoint import read_metrics
 from advantage_weighted_matching.scripts import train_sd3_awm as train
 
 TINY_PRESET = os.path.join(os.path.dirname(train.__file__), "..", "config", "tiny_awm.py")
@@ -35,16 +35,6 @@ def run_training(save_dir, model_dir, *overrides, preset="tiny_cpu"):
     finally:
         sys.argv = saved_argv
     return read_metrics(save_dir)
-
-
-def read_metrics(save_dir):
-    """Per-epoch records from metrics.jsonl (the last record of an epoch wins, as after a resume)."""
-    records = {}
-    with open(os.path.join(save_dir, "metrics.jsonl")) as f:
-        for line in f:
-            record = json.loads(line)
-            records[record["epoch"]] = record
-    return [records[epoch] for epoch in sorted(records)]
 
 
 @pytest.fixture

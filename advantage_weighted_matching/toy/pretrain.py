@@ -37,12 +37,12 @@ import dataclasses
 import json
 import logging
 import os
-import shutil
-import tempfile
 import time
 
 import numpy as np
 import torch
+
+from advantage_weighted_matching.tiny_sd3 import save_pipeline_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -124,25 +124,6 @@ def build_toy_pipeline(seed=0, sizes=None):
     )
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
-
-
-def save_pipeline_atomic(pipeline, out_dir, extra_files=None):
-    """save_pretrained into a sibling temp dir, write `extra_files` (name -> text), rename to `out_dir`."""
-    out_dir = os.path.abspath(out_dir)
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp_dir = tempfile.mkdtemp(prefix=".toy_sd3_", dir=parent)
-    try:
-        pipeline.save_pretrained(tmp_dir, safe_serialization=True)
-        for name, text in (extra_files or {}).items():
-            with open(os.path.join(tmp_dir, name), "w", encoding="utf-8") as f:
-                f.write(text)
-        if os.path.exists(out_dir):
-            shutil.rmtree(out_dir)
-        os.replace(tmp_dir, out_dir)
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-    return out_dir
 
 
 def _to_model_range(images_uint8):
