@@ -67,38 +67,44 @@ def use_adapter(model, adapter):
 
 
 class AdapterSwitch:
-    """`use_adapter` / `disable_adapter` over the LoRA layers found once.
+    """`use_adapter` / `disable_adapter` for no-grad forwards, over the LoRA layers found once.
 
     peft's model-level switches walk the whole module tree on every call (for
-    SD3.5-Medium about 36 ms to swap adapters and 88 ms to disable them, here);
-    the training step switches four times per micro-batch. Per-layer
-    `set_adapter` keeps peft's requires_grad rule: only the active adapter trains.
+    SD3.5-Medium about 36 ms to swap adapters and 88 ms to disable them), and
+    even its per-layer `set_adapter` / `enable_adapters` rewrite every adapter
+    parameter's `requires_grad` (2 ms a switch on the tiny model); the training
+    step switches four times per micro-batch. These switches flip only the two
+    per-layer flags that peft's LoRA forward reads (`_active_adapter`,
+    `_disable_adapters`, the state its own setters leave) and restore them on
+    exit. `requires_grad` is left as it is, `default` trainable and `ema`
+    frozen: the switched forwards (reference, KL-EMA, off-policy rollouts) run
+    without gradients, and only `default` is ever trained.
     """
 
     def __init__(self, model):
         from peft.tuners.tuners_utils import BaseTunerLayer
 
         self.layers = [module for module in model.modules() if isinstance(module, BaseTunerLayer)]
+        for layer in self.layers:  # fail loudly if a peft upgrade renames the flags
+            if not (hasattr(layer, "_active_adapter") and hasattr(layer, "_disable_adapters")):
+                raise RuntimeError(f"unsupported peft version: {type(layer).__name__} lacks the adapter flags")
 
     @contextlib.contextmanager
+    def _set(self, name, value):
+        previous = [getattr(layer, name) for layer in self.layers]
+        for layer in self.layers:
+            setattr(layer, name, value)
+        try:
+            yield
+        finally:
+            for layer, old in zip(self.layers, previous):
+                setattr(layer, name, old)
+
     def use(self, adapter):
-        for layer in self.layers:
-            layer.set_adapter(adapter)
-        try:
-            yield
-        finally:
-            for layer in self.layers:
-                layer.set_adapter("default")
+        return self._set("_active_adapter", [adapter])
 
-    @contextlib.contextmanager
     def disabled(self):
-        for layer in self.layers:
-            layer.enable_adapters(False)
-        try:
-            yield
-        finally:
-            for layer in self.layers:
-                layer.enable_adapters(True)
+        return self._set("_disable_adapters", True)
 
 
 def adapter_state_dict(model, adapter):

@@ -68,7 +68,10 @@ def velocity(transformer, x, t, prompt_embeds, pooled, negative=None, guidance_s
     (default: the transformer's; pass it for wrapped models, e.g. DDP).
     """
     batch = x.shape[0]
-    timestep = torch.as_tensor(t, device=x.device, dtype=torch.float32).reshape(-1).expand(batch) * 1000
+    if isinstance(t, torch.Tensor):
+        timestep = t.to(x.device, torch.float32).reshape(-1).expand(batch) * 1000
+    else:  # a fill, not a host-to-device copy: that copy would synchronise the GPU on every step
+        timestep = torch.full((batch,), t, device=x.device, dtype=torch.float32) * 1000
     dtype = dtype or transformer.dtype
     if guidance_scale > 1.0 and negative is not None:
         neg_embeds, neg_pooled = negative

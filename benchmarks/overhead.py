@@ -4,10 +4,14 @@
 
 1. Trainer overhead = epoch wall time / time inside model calls (transformer,
    VAE decoder, the three text encoders), from the real training script run
-   in-process on the tiny (or a given) SD3 pipeline. Model time is taken with
-   forward hooks on the outermost model modules and backward hooks on the
-   transformer (CPU execution is synchronous, so hook-to-hook wall time is the
-   time spent in the model).
+   in-process on the tiny (or a given) SD3 pipeline. Model time is the wall
+   time inside the outermost forward calls of those modules (forward hooks,
+   synchronised on GPU) plus the whole `accelerator.backward` call, whose cost
+   is the transformer's backward pass (the loss's own backward is a handful of
+   elementwise ops). Module backward hooks cannot time that pass: the noisy
+   latents fed to the transformer do not require grad, so torch fires the
+   "full" backward hook as soon as the output gradient arrives, before the
+   transformer's backward has run.
 2. Rollout overhead = our SA-Solver rollout / `StableDiffusion3Pipeline.__call__`
    at the same number of transformer calls and the same prompt embeddings.
 """
@@ -46,17 +50,25 @@ class ModelTimer:
             self.total += time.perf_counter() - self.started
             self.calls += 1
 
-    def attach(self, modules, backward=()):
+    def attach(self, modules):
         for module in modules:
             module.register_forward_pre_hook(self.pre)
             module.register_forward_hook(self.post)
-        for module in backward:  # the policy's backward pass is model time too
-            module.register_full_backward_pre_hook(lambda module, grad_output: self.pre(module, None))
-            module.register_full_backward_hook(lambda module, grad_input, grad_output: self.post(module, None, None))
+
+    def wrap(self, fn):
+        """`fn` timed as one model call (used for the backward pass)."""
+        def timed(*args, **kwargs):
+            self.pre(None, None)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.post(None, None, None)
+        return timed
 
 
 def trainer_overhead(model_dir, epochs, preset, overrides=()):
     sys.path.insert(0, os.path.join(REPO, "tests"))
+    from accelerate import Accelerator
     from diffusers import StableDiffusion3Pipeline
     from test_train_e2e import run_training
 
@@ -66,16 +78,19 @@ def trainer_overhead(model_dir, epochs, preset, overrides=()):
     def timed_from_pretrained(cls, *args, **kwargs):
         pipeline = original(cls, *args, **kwargs)
         timer.attach([pipeline.transformer, pipeline.vae.decoder, pipeline.text_encoder, pipeline.text_encoder_2,
-                      pipeline.text_encoder_3], backward=[pipeline.transformer])
+                      pipeline.text_encoder_3])
         return pipeline
 
     StableDiffusion3Pipeline.from_pretrained = classmethod(timed_from_pretrained)
+    original_backward = Accelerator.backward
+    Accelerator.backward = timer.wrap(original_backward)
     try:
         with tempfile.TemporaryDirectory() as save_dir:
             metrics = run_training(save_dir, model_dir, f"--config.num_epochs={epochs}", "--config.eval_freq=0",
                                    "--config.save_freq=0", "--config.log_image_freq=0", *overrides, preset=preset)
     finally:
         StableDiffusion3Pipeline.from_pretrained = classmethod(original)
+        Accelerator.backward = original_backward
     epoch_wall = sum(m["timing/sample"] + m["timing/reward_wait"] + m["timing/train"] for m in metrics)
     return {"epochs": epochs, "epoch_wall_s": epoch_wall, "model_s": timer.total, "model_calls": timer.calls,
             "trainer_overhead": epoch_wall / timer.total}

@@ -239,6 +239,13 @@ def test_load_adapter_missing_path(tmp_path, lora_model):
         load_adapter(model, str(tmp_path), "default")
 
 
+def _assert_same(actual, expected):
+    # CPU GEMM results can move by an ulp with buffer alignment, so exact equality
+    # between two forwards is luck; 1e-6 is far below the gap between adapters (> 1e-3).
+    torch.testing.assert_close(actual, expected, rtol=0, atol=1e-6)
+
+
+@torch.no_grad()  # the switches serve no-grad forwards (reference, KL-EMA, rollouts)
 def test_adapter_switch_matches_peft_switches(tiny_sd3_dir, lora_model):
     model, _ = lora_model
     _perturb(model, "default", seed=1)
@@ -251,13 +258,19 @@ def test_adapter_switch_matches_peft_switches(tiny_sd3_dir, lora_model):
     with model.disable_adapter():
         expected_base = _forward(model, inputs)
     with switch.use("ema"):
-        assert torch.equal(_forward(model.get_base_model(), inputs), expected_ema)
-        assert not any(p.requires_grad for p in adapter_parameters(model, "default"))
+        _assert_same(_forward(model.get_base_model(), inputs), expected_ema)
+        with switch.disabled():  # nested: the base model, then back to `ema`
+            _assert_same(_forward(model.get_base_model(), inputs), expected_base)
+        _assert_same(_forward(model.get_base_model(), inputs), expected_ema)
+        # requires_grad is untouched: `default` stays the only trainable adapter
+        assert all(p.requires_grad for p in adapter_parameters(model, "default"))
+        assert not any(p.requires_grad for p in adapter_parameters(model, "ema"))
     with switch.disabled():
-        assert torch.equal(_forward(model.get_base_model(), inputs), expected_base)
+        _assert_same(_forward(model.get_base_model(), inputs), expected_base)
     with pytest.raises(RuntimeError, match="boom"), switch.use("ema"):
         raise RuntimeError("boom")
-    assert torch.equal(_forward(model, inputs), out_default)  # back to the policy, gradients on it alone
+    _assert_same(_forward(model, inputs), out_default)  # back to the policy, gradients on it alone
     assert all(p.requires_grad for p in adapter_parameters(model, "default"))
     assert not any(p.requires_grad for p in adapter_parameters(model, "ema"))
-    assert not torch.equal(expected_ema, out_default) and not torch.equal(expected_base, out_default)
+    # the three models really differ, far beyond the matmul rounding `_assert_same` allows
+    assert (expected_ema - out_default).abs().max() > 1e-3 and (expected_base - out_default).abs().max() > 1e-3
