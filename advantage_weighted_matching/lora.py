@@ -2,10 +2,11 @@
 
 * ``default``: the policy adapter (the only trainable parameters).
 * ``ema``: the KL-EMA adapter, created as a copy of ``default``; no grad.
-* reference model: ``with model.disable_adapter():`` (the base transformer).
+* reference model: the base transformer, adapters disabled.
 
 peft's ``set_adapter`` also flips ``requires_grad`` to the active adapter, so
-`use_adapter` always switches back to ``default``.
+`use_adapter` always switches back to ``default``. The training loop switches
+with `AdapterSwitch` (no-grad forwards, cheap enough for every micro-batch).
 Saved adapters are diffusers LoRA files (``pytorch_lora_weights.safetensors``
 with peft metadata) that ``StableDiffusion3Pipeline.load_lora_weights`` reads.
 """
