@@ -12,10 +12,10 @@ from overhead import ModelTimer, trainer_overhead  # noqa: E402
 
 def test_model_timer_counts_forward_and_backward():
     torch.manual_seed(0)
-    model = torch.nn.Sequential(*[torch.nn.Linear(512, 512) for _ in range(6)])
+    model = torch.nn.Sequential(*[torch.nn.Linear(1024, 1024) for _ in range(4)])
     # As in training: the input does not require grad, only the weights do. A module's
     # full backward hook would fire before this backward runs and time nothing.
-    inputs = torch.randn(512, 512)
+    inputs = torch.randn(1024, 1024)
     timer = ModelTimer()
     timer.attach([model])
     backward = timer.wrap(lambda loss: loss.backward())
