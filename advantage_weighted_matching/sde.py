@@ -37,7 +37,9 @@ def gaussian_log_prob(sample, mean, step_std):
     `step_std` is a float or a tensor broadcastable to `sample`.
     """
     # A float std stays a Python number (a device tensor made from it would synchronise the GPU).
-    log_std = torch.log(step_std.to(sample.dtype)) if torch.is_tensor(step_std) else math.log(step_std)
+    if torch.is_tensor(step_std):
+        step_std = step_std.to(sample.dtype)
+    log_std = torch.log(step_std) if torch.is_tensor(step_std) else math.log(step_std)
     log_density = -((sample.detach() - mean) ** 2) / (2 * step_std**2) - log_std - 0.5 * math.log(2 * math.pi)
     return log_density.mean(dim=tuple(range(1, sample.ndim)))
 

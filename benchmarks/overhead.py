@@ -66,6 +66,34 @@ class ModelTimer:
         return timed
 
 
+def wall_time(fn):
+    """Wall seconds of fn(), the GPU's queued work included."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def interleaved_medians(first, second, repeats):
+    """Median wall times of first() and second(), run in alternation after one
+    warm-up each, so both see the same clocks, caches and allocator state."""
+    first(), second()
+    pairs = [(wall_time(first), wall_time(second)) for _ in range(repeats)]
+    return sorted(p[0] for p in pairs)[repeats // 2], sorted(p[1] for p in pairs)[repeats // 2]
+
+
+def write_report(report, out):
+    """Print the report and, when `out` is given, write it there as JSON."""
+    print(json.dumps(report, indent=1))
+    if out:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        with open(out, "w") as f:
+            json.dump(report, f, indent=1)
+
+
 def trainer_overhead(model_dir, epochs, preset, overrides=()):
     sys.path.insert(0, os.path.join(REPO, "tests"))
     from accelerate import Accelerator
@@ -116,15 +144,7 @@ def rollout_overhead(model_dir, num_steps, batch, resolution, repeats=11):
         pipeline(prompt_embeds=embeds, pooled_prompt_embeds=pooled, num_inference_steps=num_steps, guidance_scale=1.0,
                  height=resolution, width=resolution, generator=torch.Generator().manual_seed(0), output_type="pt")
 
-    def timed(fn):
-        start = time.perf_counter()
-        fn()
-        return time.perf_counter() - start
-
-    ours(), diffusers_call()  # warm-up
-    pairs = [(timed(ours), timed(diffusers_call)) for _ in range(repeats)]  # interleaved: same machine state
-    ours_s = sorted(p[0] for p in pairs)[repeats // 2]
-    diffusers_s = sorted(p[1] for p in pairs)[repeats // 2]
+    ours_s, diffusers_s = interleaved_medians(ours, diffusers_call, repeats)
     return {"num_steps": num_steps, "batch": batch, "ours_s": ours_s, "diffusers_call_s": diffusers_s,
             "rollout_overhead": ours_s / diffusers_s}
 
@@ -153,10 +173,7 @@ def main():
             "rollout": rollout_overhead(model_dir, num_steps=14, batch=6, resolution=32),
             "trainer": trainer_overhead(model_dir, args.epochs, args.preset),
         }
-    print(json.dumps(report, indent=1))
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=1)
+    write_report(report, args.out)
 
 
 if __name__ == "__main__":

@@ -23,8 +23,6 @@ they run once per rollout batch and do not enter the training step.
 """
 
 import argparse
-import json
-import time
 
 import torch
 
@@ -61,29 +59,14 @@ SIZES = {
 }
 
 
-def timed(fn, device, repeats, warmup=True):
-    """Median wall time of fn() over `repeats` runs (after one warm-up run)."""
-    if warmup:
-        fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
-
-
 def main():
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 
-    from advantage_weighted_matching.lora import AdapterSwitch, add_lora, adapter_parameters, lora_config
+    from advantage_weighted_matching.lora import AdapterSwitch, adapter_parameters, add_lora, lora_config
     from advantage_weighted_matching.objective import awm_loss
     from advantage_weighted_matching.rollout import flow_sigmas, rollout, velocity
     from advantage_weighted_matching.timesteps import sample_train_times
+    from overhead import interleaved_medians, wall_time, write_report  # benchmarks/, beside this script
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--size", choices=sorted(SIZES), default="sd35m")
@@ -145,11 +128,8 @@ def main():
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    our_rollout(), diffusers_call()  # warm-up
-    pairs = [(timed(our_rollout, device, 1, warmup=False), timed(diffusers_call, device, 1, warmup=False))
-             for _ in range(args.repeats)]  # interleaved: both see the same clocks and allocator state
-    report["rollout_batch_s"] = sorted(p[0] for p in pairs)[args.repeats // 2]
-    report["diffusers_call_s"] = sorted(p[1] for p in pairs)[args.repeats // 2]
+    report["rollout_batch_s"], report["diffusers_call_s"] = interleaved_medians(
+        our_rollout, diffusers_call, args.repeats)
     report["rollout_overhead_ratio"] = report["rollout_batch_s"] / report["diffusers_call_s"]
     if device.type == "cuda":
         report["rollout_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
@@ -204,15 +184,13 @@ def main():
                 print(f"==== {name} by {sort}\n"
                       + prof.key_averages().table(sort_by=sort, row_limit=14, max_name_column_width=50))
 
-    report["train_micro_batch_s"] = timed(train_micro_batch, device, args.repeats)
+    train_micro_batch()  # warm-up
+    report["train_micro_batch_s"] = sorted(wall_time(train_micro_batch) for _ in range(args.repeats))[args.repeats // 2]
     if device.type == "cuda":
         report["train_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     # geneval_sd3_no_cfg_1node, per GPU: 36 rollout batches of 6, 72 micro-batches of 3 x 6 rows.
     report["estimated_epoch_s_geneval_1node"] = 36 * report["rollout_batch_s"] + 72 * report["train_micro_batch_s"]
-    print(json.dumps(report, indent=1))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=1)
+    write_report(report, args.out)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ calls (`benchmarks/overhead.py`).
 """
 
 import argparse
-import json
 import os
 import sys
 
@@ -54,7 +53,7 @@ def build_pipeline_dir(out_dir, size):
 
 
 def main():
-    from overhead import trainer_overhead
+    from overhead import trainer_overhead, write_report
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--dir", default="/tmp/sd35m_random")
@@ -77,10 +76,7 @@ def main():
     ]
     report = trainer_overhead(args.dir, args.epochs, "tiny_cpu", overrides)
     report.update(device=torch.cuda.get_device_name() if cuda else "cpu", size=args.size, plan="1 GPU: 2 rollout batches x 6 images, 4 micro-batches x 3 x 6")
-    print(json.dumps(report, indent=1))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=1)
+    write_report(report, args.out)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
-from overhead import ModelTimer, trainer_overhead  # noqa: E402
+from overhead import ModelTimer, trainer_overhead
 
 
 def test_model_timer_counts_forward_and_backward():
@@ -43,7 +43,7 @@ def test_model_timer_nested_calls_count_once():
     assert timer.calls == 1 and timer.depth == 0
 
 
-def test_trainer_overhead_hooks_every_model_call(tmp_path, tiny_sd3_dir):
+def test_trainer_overhead_hooks_every_model_call(tiny_sd3_dir):
     from advantage_weighted_matching.config.tiny_awm import tiny_cpu
 
     config = tiny_cpu()
