@@ -30,18 +30,10 @@ PREFETCH_HINT = "python setup/prefetch_reward_weights.py"
 
 
 def reward_config_defaults():
-    """Defaults of the ``config.rewards`` block (mirrors config/base_awm.py)."""
-    return {
-        "device": "",  # "" = the device given to the factory
-        "batch_size": 16,  # images per reward-model forward
-        "dtype": "float32",  # float32 | float16 | bfloat16
-        "pickscore_model": "yuvalkirstain/PickScore_v1",
-        "pickscore_processor": "laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
-        "geneval_detector": "facebook/mask2former-swin-small-coco-instance",
-        "geneval_clip": "openai/clip-vit-large-patch14",
-        "geneval_object_names": "",  # "" = detector id2label (GenEval spellings)
-        "remote_geneval_url": "",  # "" = score GenEval in-process
-    }
+    """Defaults of the ``config.rewards`` block, read from config/base_awm.py (one source)."""
+    from advantage_weighted_matching.config.base_awm import get_config  # light: ml_collections only
+
+    return get_config().rewards.to_dict()
 
 
 def resolve_reward_config(reward_config):
