@@ -129,15 +129,15 @@ def load_prompts(dataset, prompt_fn, split, require_quoted_text=False):
     raise ValueError(f"prompt_fn={prompt_fn!r} is not one of ['general_ocr', 'geneval']")
 
 
-def k_repeat_indices(num_prompts, seed, counter, num_processes, batch_size, k, rank):
-    """Prompt indices for `rank` in rollout batch `counter` (SPEC section 2).
+def k_repeat_batch(num_prompts, seed, counter, num_processes, batch_size, k):
+    """Every rank's prompt indices in rollout batch `counter` (SPEC section 2).
 
     A generator seeded ``seed + counter`` draws ``m = num_processes * batch_size / k``
-    distinct prompts, repeats each k times, shuffles the ``m * k`` list, and rank
-    r takes ``[r * batch_size, (r + 1) * batch_size)``. A pure function of its
+    distinct prompts, repeats each k times and shuffles the ``m * k`` list; rank
+    r's share is ``[r * batch_size, (r + 1) * batch_size)``. A pure function of its
     arguments: every rank computes the same list, no communication needed.
 
-    Returns a LongTensor [batch_size].
+    Returns a LongTensor [num_processes * batch_size].
     """
     total = num_processes * batch_size
     if total % k:
@@ -148,8 +148,14 @@ def k_repeat_indices(num_prompts, seed, counter, num_processes, batch_size, k, r
     generator = torch.Generator().manual_seed(seed + counter)
     chosen = torch.randperm(num_prompts, generator=generator)[:num_groups]
     repeated = chosen.repeat_interleave(k)
-    shuffled = repeated[torch.randperm(total, generator=generator)]
-    return shuffled[rank * batch_size : (rank + 1) * batch_size]
+    return repeated[torch.randperm(total, generator=generator)]
+
+
+def k_repeat_indices(num_prompts, seed, counter, num_processes, batch_size, k, rank):
+    """`rank`'s share of `k_repeat_batch`: a LongTensor [batch_size]."""
+    return k_repeat_batch(num_prompts, seed, counter, num_processes, batch_size, k)[
+        rank * batch_size : (rank + 1) * batch_size
+    ]
 
 
 def eval_indices(num_prompts, num_processes, batch_size, rank, limit=0):

@@ -11,6 +11,7 @@ from advantage_weighted_matching.prompts import (
     GENEVAL_TAGS,
     PromptFileError,
     eval_indices,
+    k_repeat_batch,
     k_repeat_indices,
     load_geneval_metadata,
     load_prompts,
@@ -246,6 +247,8 @@ def _all_ranks(num_prompts, seed, counter, processes, batch, k):
     slices = [k_repeat_indices(num_prompts, seed, counter, processes, batch, k, rank) for rank in range(processes)]
     for s in slices:
         assert s.dtype == torch.long and s.shape == (batch,)
+    # the trainer reads every rank's share from one k_repeat_batch call
+    assert torch.equal(torch.cat(slices), k_repeat_batch(num_prompts, seed, counter, processes, batch, k))
     return torch.cat(slices).tolist()
 
 

@@ -41,7 +41,7 @@ from advantage_weighted_matching.lora import (
 )
 from advantage_weighted_matching.objective import awm_loss
 from advantage_weighted_matching.optim import build_lr_scheduler, build_optimizer
-from advantage_weighted_matching.prompts import k_repeat_indices, load_prompts
+from advantage_weighted_matching.prompts import k_repeat_batch, load_prompts
 from advantage_weighted_matching.rollout import encode_prompts, flow_sigmas, load_pipeline, rollout, velocity
 from advantage_weighted_matching.timesteps import sample_train_times
 from advantage_weighted_matching.visualize import caption, image_grid
@@ -287,7 +287,8 @@ def main(_):
                 save_checkpoint(epoch)  # weights are still the start-of-epoch weights
                 return sys.exit(143)
             counter = epoch * num_batches + i
-            indices = k_repeat_indices(len(train_prompts), config.seed, counter, world, batch_size, k, rank).tolist()
+            all_indices = k_repeat_batch(len(train_prompts), config.seed, counter, world, batch_size, k)
+            indices = all_indices[rank * batch_size:(rank + 1) * batch_size].tolist()
             prompts, metadata = [train_prompts[j] for j in indices], [train_metadata[j] for j in indices]
             embeds, pooled = encode_prompts(pipeline, prompts, device, config.max_sequence_length)
             generator = torch.Generator(device).manual_seed(stream_seed(config.seed, "rollout", counter, rank))
@@ -300,8 +301,8 @@ def main(_):
                 )
             # Score on the worker thread while the next batch samples.
             future = reward_executor.submit(reward_fn, result.images, prompts, metadata, True)
-            batches.append({"prompts": prompts, "embeds": embeds, "pooled": pooled, "images": result.images,
-                            "clean_latents": result.latents[-1], "rewards": future})
+            batches.append({"prompts": prompts, "all_indices": all_indices, "embeds": embeds, "pooled": pooled,
+                            "images": result.images, "clean_latents": result.latents[-1], "rewards": future})
             if flow_grpo:  # the baseline trains on the stored SDE steps and their log-probs
                 batches[-1].update(latents=torch.stack(result.latents, dim=1), log_probs=result.log_probs)
         timings["sample"] = time.perf_counter() - start
@@ -317,10 +318,9 @@ def main(_):
                                                            device=device)).sum())
 
         # ================================================================ ADVANTAGE
-        # Every rank rebuilds all ranks' prompt lists from the pure sampler: no string gather.
-        all_prompts = [train_prompts[j] for r in range(world) for i in range(num_batches) for j in
-                       k_repeat_indices(len(train_prompts), config.seed, epoch * num_batches + i, world,
-                                        batch_size, k, r).tolist()]
+        # Every rank drew all ranks' prompt indices (the sampler is pure): no string gather.
+        all_prompts = [train_prompts[j] for r in range(world) for b in batches  # rank-major, as gathered
+                       for j in b["all_indices"][r * batch_size:(r + 1) * batch_size].tolist()]
         advantages, group_stats = group_advantages(
             all_prompts, gathered["avg"], config.per_prompt_stat_tracking, config.sample.global_std
         )
