@@ -28,7 +28,9 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
-from advantage_weighted_matching.config import ConfigError, validate  # light: no torch, no models
+# light imports only: bad input fails before torch or any model loads
+from advantage_weighted_matching.config import ConfigError, validate
+from advantage_weighted_matching.paths import LORA_WEIGHT_NAME
 
 FLAGS = flags.FLAGS
 
@@ -52,9 +54,6 @@ def define_flags():
         "Default: the checkpoint's config.json, else the preset's PRESET_NUM_PROCESSES, else 1.",
     )
     flags.mark_flags_as_required(["config", "checkpoint"])
-
-
-LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # = advantage_weighted_matching.lora.LORA_WEIGHT_NAME
 
 
 class EvaluateError(ValueError):

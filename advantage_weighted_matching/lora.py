@@ -16,12 +16,13 @@ import os
 
 import torch
 
+from advantage_weighted_matching.paths import LORA_WEIGHT_NAME
+
 ATTN_TARGETS = [
     "attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",
     "attn.to_k", "attn.to_out.0", "attn.to_q", "attn.to_v",
 ]
 FFN_TARGETS = ["ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"]
-LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
 
 def lora_config(rank, alpha, init, lora_type):
