@@ -21,6 +21,7 @@ from advantage_weighted_matching.rewards import (
     multi_score,
     resolve_reward_config,
     reward_config_defaults,
+    run_chunks,
     validate_reward_names,
 )
 from advantage_weighted_matching.rewards.ocr import make_ocr_scorer, ocr_reward_from_lines, target_text
@@ -73,6 +74,24 @@ def test_reward_config_resolution():
     assert resolved["pickscore_model"] == "yuvalkirstain/PickScore_v1"
     with pytest.raises(ValueError, match="dtype"):
         resolve_reward_config({"dtype": "float64"})
+
+
+def test_run_chunks_retries_a_failing_chunk_item_by_item(caplog):
+    calls = []
+
+    def square_unless_three(start, stop):  # item 3 always fails, so does any chunk holding it
+        calls.append((start, stop))
+        if start <= 3 < stop:
+            raise RuntimeError("bad image")
+        return [i * i for i in range(start, stop)]
+
+    with caplog.at_level("WARNING"):
+        results, failed = run_chunks(square_unless_three, 7, 3, "toy")
+    assert results == [0, 1, 4, None, 16, 25, 36]
+    assert failed.tolist() == [False, False, False, True, False, False, False]
+    # chunks [0,3) [3,6) [6,7); only the failing chunk is retried, one item at a time
+    assert calls == [(0, 3), (3, 6), (3, 4), (4, 5), (5, 6), (6, 7)]
+    assert "toy failed on image 3" in caplog.text
 
 
 def test_images_to_uint8_hwc_rounds_and_transposes():

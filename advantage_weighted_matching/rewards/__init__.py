@@ -112,6 +112,28 @@ def score_each(score_one, items, reward_name):
     return scores, num_failures
 
 
+def run_chunks(run_chunk, count, chunk_size, reward_name):
+    """``run_chunk(start, stop) -> stop - start results`` over chunks of ``chunk_size``
+    items. A chunk that raises is retried item by item, so a bad image costs only
+    itself: its result is None, it is logged, and marked in ``failed``.
+    Returns (results list [count], failed bool array [count])."""
+    results, failed = [None] * count, np.zeros(count, dtype=bool)
+    for start in range(0, count, chunk_size):
+        stop = min(start + chunk_size, count)
+        try:
+            results[start:stop] = list(run_chunk(start, stop))
+            continue
+        except Exception as error:  # noqa: BLE001
+            logger.warning("%s failed on images %d..%d, retrying one by one: %r", reward_name, start, stop - 1, error)
+        for index in range(start, stop):
+            try:
+                results[index] = run_chunk(index, index + 1)[0]
+            except Exception as error:  # noqa: BLE001 - one bad image must not end the run
+                failed[index] = True
+                logger.warning("%s failed on image %d (scored 0): %r", reward_name, index, error)
+    return results, failed
+
+
 def _jpeg_factory(device, reward_config):
     from .jpeg import make_jpeg_compressibility_scorer
 

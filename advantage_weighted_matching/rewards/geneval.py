@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import from_pretrained_or_explain, images_to_uint8_hwc, resolve_device, torch_dtype
+from . import from_pretrained_or_explain, images_to_uint8_hwc, resolve_device, run_chunks, torch_dtype
 from .geneval_rules import COLORS, DETECTION_THRESHOLD, geneval_fields, parse_metadata, score_prompt
 from .pickscore import load_clip, projected_features
 
@@ -193,23 +193,8 @@ class GenevalScorer:
         images_uint8 = images_to_uint8_hwc(images)
         batch_size = len(images_uint8)
         scores, strict_correct, correct = np.zeros(batch_size), np.zeros(batch_size), np.zeros(batch_size)
-        failed = np.zeros(batch_size, dtype=bool)
-        detections = [None] * batch_size
-        for start in range(0, batch_size, self.batch_size):
-            stop = min(start + self.batch_size, batch_size)
-            try:
-                detections[start:stop] = self.detect_chunk(images_uint8[start:stop])
-                continue
-            except Exception as error:  # noqa: BLE001
-                logger.warning(
-                    "geneval detector failed on images %d..%d, retrying one by one: %r", start, stop - 1, error
-                )
-            for index in range(start, stop):
-                try:
-                    detections[index] = self.detect_chunk(images_uint8[index : index + 1])[0]
-                except Exception as error:  # noqa: BLE001 - one bad image must not end the run
-                    failed[index] = True
-                    logger.warning("geneval detector failed on image %d (scored 0): %r", index, error)
+        detections, failed = run_chunks(lambda start, stop: self.detect_chunk(images_uint8[start:stop]), batch_size,
+                                        self.batch_size, "geneval detector")
         for index in range(batch_size):
             if failed[index]:
                 continue

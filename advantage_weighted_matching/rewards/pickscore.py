@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import from_pretrained_or_explain, images_to_uint8_hwc, resolve_device, torch_dtype
+from . import from_pretrained_or_explain, images_to_uint8_hwc, resolve_device, run_chunks, torch_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -79,22 +79,10 @@ class PickScoreScorer:
         """Batched scores; a failing chunk is retried image by image so that a bad
         image costs only itself. Returns (scores float64 [B], num_failures)."""
         images_uint8 = images_to_uint8_hwc(images)
-        scores = np.zeros(len(prompts), dtype=np.float64)
-        num_failures = 0
-        for start in range(0, len(prompts), self.batch_size):
-            stop = min(start + self.batch_size, len(prompts))
-            try:
-                scores[start:stop] = self.score_chunk(images_uint8[start:stop], prompts[start:stop])
-                continue
-            except Exception as error:  # noqa: BLE001
-                logger.warning("pickscore failed on images %d..%d, retrying one by one: %r", start, stop - 1, error)
-            for index in range(start, stop):
-                try:
-                    scores[index] = self.score_chunk(images_uint8[index : index + 1], prompts[index : index + 1])[0]
-                except Exception as error:  # noqa: BLE001 - one bad image must not end the run
-                    num_failures += 1
-                    logger.warning("pickscore failed on image %d (scored 0): %r", index, error)
-        return scores, num_failures
+        results, failed = run_chunks(lambda start, stop: self.score_chunk(images_uint8[start:stop], prompts[start:stop]),
+                                     len(prompts), self.batch_size, "pickscore")
+        scores = np.array([0.0 if bad else value for value, bad in zip(results, failed)], dtype=np.float64)
+        return scores, int(failed.sum())
 
 
 def make_pickscore_scorer(device, reward_config):
