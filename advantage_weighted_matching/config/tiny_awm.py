@@ -87,15 +87,6 @@ def tiny_cpu_flow_grpo():
     return config
 
 
-PRESETS = {"tiny_cpu": tiny_cpu, "tiny_cpu_sde": tiny_cpu_sde, "tiny_cpu_flow_grpo": tiny_cpu_flow_grpo}
-
-
-def get_config(name):
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
-    return PRESETS[name]()
-
-
 def tiny_cpu_brightness():
     """The tiny preset rewarded by mean image brightness: a toy task whose reward
     spread lets a few CPU epochs show learning (tests/test_learning.py)."""
@@ -116,4 +107,13 @@ def tiny_cpu_brightness():
     return config
 
 
-PRESETS["tiny_cpu_brightness"] = tiny_cpu_brightness
+PRESETS = {
+    "tiny_cpu": tiny_cpu, "tiny_cpu_sde": tiny_cpu_sde, "tiny_cpu_flow_grpo": tiny_cpu_flow_grpo,
+    "tiny_cpu_brightness": tiny_cpu_brightness,
+}
+
+
+def get_config(name):
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return PRESETS[name]()
