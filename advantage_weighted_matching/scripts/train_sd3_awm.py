@@ -233,6 +233,7 @@ def main(_):
         return summary
 
     flow_grpo = train_cfg.algorithm == "flow_grpo"
+    device_sigmas = train_sigmas.to(device, torch.float32)  # once, not a host-to-device copy per micro-batch
 
     def micro_batch_loss(samples, rows, cpu_generator, noise_generator):
         """AWM: flow matching on fresh noisy copies of the clean samples; Flow-GRPO: the
@@ -255,7 +256,7 @@ def main(_):
             steps = select_sde_steps(T, config.sample.num_steps, config.sample.sde_frac, train_cfg.timestep_fraction,
                                      cpu_generator).to(device)
             x, x_next, sigma, sigma_next, old_log_probs = gather_steps(
-                samples["latents"][rows], samples["log_probs"][rows], train_sigmas.to(device), steps)
+                samples["latents"][rows], samples["log_probs"][rows], device_sigmas, steps)
             return flow_grpo_loss(
                 policy_v, x, x_next, sigma, sigma_next, float(train_sigmas[1]), config.sample.noise_level,
                 old_log_probs, samples["advantages"][rows], clip_range=train_cfg.clip_range, beta=train_cfg.beta,
