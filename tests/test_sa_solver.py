@@ -244,22 +244,47 @@ def test_constant_denoiser_ode_is_exact(num_steps):
 
 
 def test_stochastic_steps_only_inside_tau_window():
-    # With D = c the scaled noise z_t = (x_t - (1-t) c) / t only changes at steps whose
-    # source time t_prev lies in [0.3, 0.9]. 14-step grid: t[4..11] = 0.8715 .. 0.3574 are the
-    # stochastic sources, i.e. steps 5..12; step 13 (0.206 -> 0.103) is deterministic.
+    # SPEC 3a: tau is evaluated at the step's TARGET time (reference: tau=tau(t), t = timesteps[step]).
+    # With D = c the scaled noise z_t = (x_t - (1-t) c) / t only changes at steps whose target
+    # t[k] lies in [0.3, 0.9]. 14-step shift-3 grid, by hand: t[3] = 0.9094 > 0.9,
+    # t[4] = 0.8715 ... t[11] = 0.3574 inside, t[12] = 0.2062 < 0.3, so steps 4..11 are stochastic.
     t = sd3_grid(14)
-    assert t[3] > 0.9 and 0.3 <= t[4] <= 0.9 and 0.3 <= t[11] <= 0.9 and t[12] < 0.3
+    assert t[3] == pytest.approx(0.9094, abs=1e-4) and t[4] == pytest.approx(0.8715, abs=1e-4)
+    assert t[11] == pytest.approx(0.3574, abs=1e-4) and t[12] == pytest.approx(0.2062, abs=1e-4)
     c = torch.full((4096,), 0.5, dtype=torch.float64)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4096, generator=g, dtype=torch.float64)
-    latents = sa_solver_sample(_constant_denoiser(c, []), x, t, 0.7, torch.Generator().manual_seed(1))
+    latents = sa_solver_sample(_constant_denoiser(c, []), x, t, 0.4, torch.Generator().manual_seed(1))
     # the start is not exactly N(.., t0^2) scaled; compare each step to its predecessor instead
     z = [(latents[i] - (1 - t[i]) * c) / t[i] for i in range(len(t) - 1)]
     changed = [i for i in range(1, len(t) - 1) if (z[i] - z[i - 1]).abs().max() > 1e-9]
-    assert changed == list(range(5, 13))
+    assert changed == list(range(4, 12))
     assert torch.equal(latents[-1], c)
     # the noisy steps keep z standard normal up to the deterministic start shift (exact per step)
-    assert z[12].std().item() == pytest.approx(1.0, abs=0.05)
+    assert z[11].std().item() == pytest.approx(1.0, abs=0.05)
+
+
+def test_preset_step_four_by_hand():
+    # Step 4 (t[3] = 0.9094 -> t[4] = 0.8715) is the first stochastic step of the presets (tau 0.4).
+    # With D = c everywhere, order-2 predictor and corrector both reduce to the exact exponential
+    # integrator (the Lagrange weights sum to the order-1 integral, corrections cancel on equal D):
+    #   x_4 = (1 - t4) c + t4 (exp(-tau^2 h) z_3 + sqrt(1 - exp(-2 tau^2 h)) xi),
+    # h = log((1 - t4) / t4) - log((1 - t3) / t3). Noise std in x: t4 sqrt(1 - exp(-2 tau^2 h)) ~ 0.30.
+    t = sd3_grid(14)
+    tau, t3, t4 = 0.4, t[3], t[4]
+    h = math.log((1 - t4) / t4) - math.log((1 - t3) / t3)
+    noise_std = t4 * math.sqrt(1 - math.exp(-2 * tau**2 * h))
+    assert noise_std == pytest.approx(0.30, abs=0.01)
+    c = torch.full((3,), 0.25, dtype=torch.float64)
+    x = torch.tensor([0.3, -1.2, 2.0], dtype=torch.float64)
+    draws = torch.Generator().manual_seed(3)
+    latents = sa_solver_sample(_constant_denoiser(c, []), x, t, tau, draws)
+    xi = torch.randn(3, generator=torch.Generator().manual_seed(3), dtype=torch.float64)  # the first draw
+    z3 = (latents[3] - (1 - t3) * c) / t3
+    expected = (1 - t4) * c + t4 * (math.exp(-(tau**2) * h) * z3 + math.sqrt(1 - math.exp(-2 * tau**2 * h)) * xi)
+    torch.testing.assert_close(latents[4], expected, rtol=1e-10, atol=1e-10)
+    # and steps 1..3 used no draw at all: deterministic, z unchanged
+    torch.testing.assert_close(z3, (latents[0] - (1 - t[0]) * c) / t[0], rtol=1e-10, atol=1e-10)
 
 
 def test_noise_is_reproducible_and_matters():
@@ -277,10 +302,10 @@ def test_noise_is_reproducible_and_matters():
     assert all(torch.equal(u, v) for u, v in zip(a, b))
     assert (a[-1] - c[-1]).abs().max() > 1e-3
     assert (a[-1] - d[-1]).abs().max() > 1e-3
-    # steps before the tau window (t_prev > 0.9) are deterministic: identical across noise levels
-    for i in range(5):
+    # steps whose target lies above the tau window (t[k] > 0.9, k <= 3) are deterministic
+    for i in range(4):
         torch.testing.assert_close(a[i], d[i], rtol=0, atol=0)
-    assert (a[5] - d[5]).abs().max() > 1e-3
+    assert (a[4] - d[4]).abs().max() > 1e-3
     # noise_level 0 ignores the generator entirely
     e = sa_solver_sample(denoise, x0, t, 0.0, None)
     assert all(torch.equal(u, v) for u, v in zip(d, e))
@@ -318,7 +343,7 @@ def _reference_sa_solver(denoise, x, t, noise_level, generator):
     latents = [x]
     for n in range(1, steps):
         t_prev, t_now = t[n - 1], t[n]
-        tau = noise_level if 0.3 <= t_prev <= 0.9 else 0.0
+        tau = noise_level if 0.3 <= t_now <= 0.9 else 0.0  # the target time
         xi = torch.randn(x.shape, generator=generator, dtype=x.dtype) if tau > 0 else torch.zeros_like(x)
         s, h = 1 + tau**2, lam(t_now) - lam(t_prev)
         order = 1 if n == 1 else min(2, steps - n + 1)
@@ -420,3 +445,90 @@ def test_gaussian_sde_endpoint_distribution():
     # it is a genuinely different map from the ODE one
     ode = sa_solver_sample(gaussian_denoiser, x, sd3_grid(160), 0.0)[-1]
     assert (out - ode).abs().mean() > 0.05
+
+
+# ---------------------------------------------------------------------------
+# Order-2 few-step corrections, checked by means other than their closed form.
+# What they do (derived by hand): the linear (slope) part of the interpolated data
+# prediction is integrated against exp(s lambda_t), the weight at the step's end,
+# instead of exp(s lambda). So the order-2 step integrates the effective prediction
+#   D_eff(l) = D_base + exp(s (lambda_t - l)) (l - l_base) / (l_0 - l_1) (D_0 - D_1)
+# where D_base / l_base is the node the line passes through at the interval start.
+ZERO = torch.zeros(1, dtype=torch.float64)  # deterministic part only: xi = 0
+
+
+def _effective_step(x, d0, d1, t_prev, t, tau, l0, l1, base_is_newest):
+    """One deterministic order-2 SA step by 200-point Gauss-Legendre quadrature of D_eff."""
+    import numpy as np
+
+    s, lp, lt = 1 + tau**2, log_snr(t_prev), log_snr(t)
+    nodes, weights = np.polynomial.legendre.leggauss(200)
+    lam = 0.5 * (lt - lp) * nodes + 0.5 * (lt + lp)
+    w = 0.5 * (lt - lp) * weights
+    d_base, l_base = (d0, l0) if base_is_newest else (d1, l1)
+    base = float(np.sum(w * np.exp(s * lam)))
+    slope = float(np.sum(w * np.exp(s * lt) * (lam - l_base))) / (l0 - l1)
+    integral = base * d_base + slope * (d0 - d1)
+    h = lt - lp
+    return math.exp(-(tau**2) * h) * (t / t_prev) * x + s * t * math.exp(-(tau**2) * lt) * integral
+
+
+@pytest.mark.parametrize("tau", [0.0, 0.4, 0.7])
+@pytest.mark.parametrize("t_prev2, t_prev, t", [(0.95, 0.87, 0.78), (0.5, 0.36, 0.2), (0.3, 0.2, 0.1)])
+def test_predictor_correction_equals_quadrature_of_effective_prediction(tau, t_prev2, t_prev, t):
+    # Predictor nodes [l_prev, l_prev2]: the line through (l_prev, D_0) extrapolated with the end weight.
+    x, d0, d1 = 0.37, -0.8, 1.3
+    nodes = [log_snr(t_prev), log_snr(t_prev2)]
+    corr = predictor_correction(nodes[0], nodes[1], log_snr(t), tau)
+    got = sa_step(torch.tensor([x], dtype=torch.float64), [torch.tensor([d0], dtype=torch.float64),
+                  torch.tensor([d1], dtype=torch.float64)], nodes, t_prev, t, tau, ZERO, corr).item()
+    want = _effective_step(x, d0, d1, t_prev, t, tau, nodes[0], nodes[1], base_is_newest=True)
+    assert got == pytest.approx(want, rel=1e-10, abs=1e-12)
+    # the sign matters: the opposite correction misses the quadrature by far more than round-off
+    flipped = sa_step(torch.tensor([x], dtype=torch.float64), [torch.tensor([d0], dtype=torch.float64),
+                      torch.tensor([d1], dtype=torch.float64)], nodes, t_prev, t, tau, ZERO, -corr).item()
+    assert abs(flipped - want) > 1e-6
+
+
+@pytest.mark.parametrize("tau", [0.0, 0.4, 0.7])
+@pytest.mark.parametrize("t_prev, t", [(0.87, 0.78), (0.36, 0.2), (0.2, 0.1)])
+def test_corrector_correction_equals_quadrature_of_effective_prediction(tau, t_prev, t):
+    # Corrector nodes [l_t, l_prev]: the line through (l_prev, D_1) and (l_t, D_0), slope with the end weight.
+    x, d0, d1 = -0.52, 0.9, 0.15
+    nodes = [log_snr(t), log_snr(t_prev)]
+    corr = corrector_correction(nodes[1], nodes[0], tau)
+    got = sa_step(torch.tensor([x], dtype=torch.float64), [torch.tensor([d0], dtype=torch.float64),
+                  torch.tensor([d1], dtype=torch.float64)], nodes, t_prev, t, tau, ZERO, corr).item()
+    want = _effective_step(x, d0, d1, t_prev, t, tau, nodes[0], nodes[1], base_is_newest=False)
+    assert got == pytest.approx(want, rel=1e-10, abs=1e-12)
+
+
+@pytest.mark.parametrize("tau", [0.0, 0.4])
+def test_order_two_steps_have_third_order_local_error(tau):
+    # Linear ODE with a known solution: D(lambda) = cos(lambda) (no x dependence), so the exact
+    # deterministic step is x_t = exp(-tau^2 h)(t/t_prev) x + s t exp(-tau^2 l_t) int exp(s l) cos(l) dl,
+    # with the integral in closed form: exp(s l)(s cos l + sin l)/(s^2 + 1).
+    # An order-2 method has local error O(h^3): halving h divides it by about 8.
+    def exact(x, t_prev, t):
+        s, lp, lt = 1 + tau**2, log_snr(t_prev), log_snr(t)
+        anti = lambda v: math.exp(s * v) * (s * math.cos(v) + math.sin(v)) / (s**2 + 1)  # noqa: E731
+        return math.exp(-(tau**2) * (lt - lp)) * (t / t_prev) * x + s * t * math.exp(-(tau**2) * lt) * (anti(lt) - anti(lp))
+
+    def t_of(lam):  # inverse of lambda = log((1 - t) / t)
+        return 1.0 / (1.0 + math.exp(lam))
+
+    x, l_prev = 0.4, 0.1
+    pred_err, corr_err = [], []
+    for h in (0.2, 0.1, 0.05, 0.025):
+        t_prev2, t_prev, t = t_of(l_prev - h), t_of(l_prev), t_of(l_prev + h)
+        want = exact(x, t_prev, t)
+        lp2, lp, lt = l_prev - h, l_prev, l_prev + h
+        d = lambda v: torch.tensor([math.cos(v)], dtype=torch.float64)  # noqa: E731
+        xt = torch.tensor([x], dtype=torch.float64)
+        pred = sa_step(xt, [d(lp), d(lp2)], [lp, lp2], t_prev, t, tau, ZERO, predictor_correction(lp, lp2, lt, tau))
+        corr = sa_step(xt, [d(lt), d(lp)], [lt, lp], t_prev, t, tau, ZERO, corrector_correction(lp, lt, tau))
+        pred_err.append(abs(pred.item() - want))
+        corr_err.append(abs(corr.item() - want))
+    for errors in (pred_err, corr_err):
+        ratios = [a / b for a, b in zip(errors, errors[1:])]
+        assert all(6.0 < r < 10.0 for r in ratios), (errors, ratios)
