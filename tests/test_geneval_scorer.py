@@ -22,7 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_rewards_pickscore import build_tiny_clip  # noqa: E402
 
 from advantage_weighted_matching.rewards import REWARDS, multi_score  # noqa: E402
-from advantage_weighted_matching.rewards.geneval import boxes_from_masks, load_object_names, masked_box_crop  # noqa: E402
+from advantage_weighted_matching.rewards.geneval import (  # noqa: E402
+    boxes_from_masks, jpeg_round_trip, load_object_names, masked_box_crop,
+)
 from advantage_weighted_matching.rewards.geneval_rules import COLORS, TAGS  # noqa: E402
 
 IMAGE_SIZE = 64
@@ -99,8 +101,8 @@ def _images(seed=0):
 
 
 def _dog_scores(scorer, images):
-    """Confidence of the single dog the tiny detector finds in each image."""
-    images_uint8 = (images * 255).round().byte().permute(0, 2, 3, 1).numpy()
+    """Confidence of the single dog the tiny detector finds in each image (after the JPEG round trip)."""
+    images_uint8 = jpeg_round_trip((images * 255).round().byte().permute(0, 2, 3, 1).numpy())
     return np.array([candidates["dog"][0][0] for candidates, _masks in scorer.detect_chunk(images_uint8)])
 
 
@@ -149,7 +151,7 @@ def test_end_to_end_fields_ranges_and_minus_ten(geneval_fn, caplog):
 def test_colour_crop_and_classifier_agree_with_the_rule(geneval_fn):
     scorer = geneval_fn.scorer
     images = _images()
-    images_uint8 = (images * 255).round().byte().permute(0, 2, 3, 1).numpy()
+    images_uint8 = jpeg_round_trip((images * 255).round().byte().permute(0, 2, 3, 1).numpy())
     (candidates, masks), = scorer.detect_chunk(images_uint8[3:4])
     score, box, mask_index = candidates["dog"][0]
     crop = masked_box_crop(images_uint8[3], masks[mask_index], box)
@@ -165,6 +167,56 @@ def test_colour_crop_and_classifier_agree_with_the_rule(geneval_fn):
     torch.testing.assert_close(text.norm(dim=-1), torch.ones(len(COLORS)))
     scores, info = geneval_fn(images[3:4], ["a red dog"], [METADATA[3]], only_strict=False)
     assert info["strict_accuracy"][0] == float(colour == "red")
+
+
+def _pil_jpeg_q75(image_uint8):
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(image_uint8).save(buffer, format="JPEG", quality=75)  # PIL's default, stated explicitly
+    return np.array(Image.open(io.BytesIO(buffer.getvalue())).convert("RGB"))
+
+
+def test_jpeg_round_trip_is_pil_quality_75():
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(3, 24, 32, 3), dtype=np.uint8)
+    out = jpeg_round_trip(images)
+    assert out.shape == images.shape and out.dtype == np.uint8
+    for image, got in zip(images, out):
+        np.testing.assert_array_equal(got, _pil_jpeg_q75(image))
+    assert np.abs(out.astype(int) - images.astype(int)).mean() > 5  # lossy on noise: it really re-encodes
+    # quality 95 would give a different image: the default (75) is what is pinned
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(images[0]).save(buffer, format="JPEG", quality=95)
+    assert not np.array_equal(np.array(Image.open(buffer).convert("RGB")), out[0])
+
+
+def test_detector_and_colour_classifier_see_the_jpeg_decoded_image(geneval_fn, monkeypatch):
+    scorer = geneval_fn.scorer
+    images = _images()[3:5]
+    expected = np.stack([_pil_jpeg_q75(im) for im in (images * 255).round().byte().permute(0, 2, 3, 1).numpy()])
+    seen_by_detector, seen_by_colour = [], []
+    detect, colour = scorer.detect_chunk, scorer.colour_classifier
+
+    def spy_detect(chunk):
+        seen_by_detector.append(np.array(chunk))
+        return detect(chunk)
+
+    def spy_colour(image_uint8, masks):
+        seen_by_colour.append(np.array(image_uint8))
+        return colour(image_uint8, masks)
+
+    monkeypatch.setattr(scorer, "detect_chunk", spy_detect)
+    monkeypatch.setattr(scorer, "colour_classifier", spy_colour)
+    geneval_fn(images, ["a red dog", "x"], [METADATA[3], METADATA[0]], only_strict=True)
+    np.testing.assert_array_equal(np.concatenate(seen_by_detector), expected)
+    np.testing.assert_array_equal(np.stack(seen_by_colour), expected)
 
 
 def test_only_strict_reports_zero_accuracy(geneval_fn):

@@ -2,6 +2,10 @@
 
 Per batch of images (NCHW float [0, 1] -> uint8 [B, H, W, 3]):
 
+0. JPEG round trip: every image is encoded with PIL's JPEG encoder at its
+   default quality (75) and decoded again; detector and colour classifier see
+   only the decoded image. The reference's GenEval reward sends JPEGs to its
+   scoring server, so the compression is part of the reward (SPEC 6).
 1. Detector: Mask2Former (``reward_config['geneval_detector']``, COCO
    instance segmentation) with its image processor; instance masks from
    ``post_process_instance_segmentation(threshold=0.3, return_binary_maps=True,
@@ -25,6 +29,7 @@ Outputs: scores [B] (strict score) and info arrays ``strict_accuracy``,
 ``{tag}_accuracy`` (-10 for other tags), plus ``num_failures``.
 """
 
+import io
 import logging
 import types
 
@@ -42,6 +47,17 @@ COLOUR_TEMPLATES = ("a photo of a {c} {cls}", "a photo of a {c}-colored {cls}", 
 MASK_BACKGROUND_RGB = (153, 153, 153)  # "#999"
 # COCO label names (detectron2 / transformers spelling) -> GenEval object names.
 GENEVAL_NAME_ALIASES = {"mouse": "computer mouse", "remote": "tv remote", "keyboard": "computer keyboard"}
+
+
+def jpeg_round_trip(images_uint8):
+    """uint8 [B, H, W, 3] -> uint8 [B, H, W, 3]: PIL JPEG encode (default quality 75), then decode."""
+    decoded = []
+    for image in images_uint8:
+        buffer = io.BytesIO()
+        Image.fromarray(image).save(buffer, format="JPEG")
+        buffer.seek(0)
+        decoded.append(np.asarray(Image.open(buffer).convert("RGB")))
+    return np.stack(decoded) if decoded else np.asarray(images_uint8)
 
 
 def load_object_names(object_names_setting, id2label):
@@ -190,7 +206,7 @@ class GenevalScorer:
     def score_batch(self, images, metadata, only_strict=True):
         """-> (scores float64 [B], info). A failing image scores 0 (strict and GenEval
         correctness 0) and is counted in ``info['num_failures']``."""
-        images_uint8 = images_to_uint8_hwc(images)
+        images_uint8 = jpeg_round_trip(images_to_uint8_hwc(images))
         batch_size = len(images_uint8)
         scores, strict_correct, correct = np.zeros(batch_size), np.zeros(batch_size), np.zeros(batch_size)
         detections, failed = run_chunks(lambda start, stop: self.detect_chunk(images_uint8[start:stop]), batch_size,
