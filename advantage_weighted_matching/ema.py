@@ -1,6 +1,7 @@
 """Weight EMA of the policy LoRA and the KL-EMA adapter update (SPEC section 5).
 
-Weight EMA (``train.ema``), at optimizer step k (every ``interval`` steps)::
+Weight EMA (``train.ema``), at optimizer step k, when ``(k + 1) % interval == 0``
+(the reference's phase: with interval n the first update is at k = n - 1)::
 
     decay_k = min((1 + k) / (10 + k), ema_decay)
     ema <- ema + (1 - decay_k) (theta - ema)
@@ -45,7 +46,7 @@ class WeightEMA:
 
     def step(self, parameters, global_step):
         """Update at optimizer step `global_step` if it falls on the interval; returns the decay used."""
-        if global_step % self.update_step_interval:
+        if (global_step + 1) % self.update_step_interval:
             return None
         decay = weight_ema_decay(global_step, self.max_decay)
         lerp_(self.shadow, parameters, 1.0 - decay)

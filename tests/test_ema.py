@@ -40,17 +40,24 @@ def test_weight_ema_shadow_is_a_float32_copy():
     assert ema.shadow[0].tolist() == [1.0, 2.0]  # not aliased
 
 
-def test_weight_ema_interval_skips_non_multiples():
+def test_weight_ema_interval_phase_is_the_references():
+    # Reference ema.py: update when (k + 1) % n == 0. With n = 3: k = 2, 5, 8, ... (not 0, 3, 6).
     ema = WeightEMA([torch.zeros(2)], max_decay=0.99, update_step_interval=3)
     theta = [torch.ones(2)]
+    assert ema.step(theta, 0) is None
     assert ema.step(theta, 1) is None
-    assert ema.step(theta, 2) is None
     assert ema.shadow[0].tolist() == [0.0, 0.0]
-    decay = ema.step(theta, 3)
-    assert decay == pytest.approx(4 / 13)
-    torch.testing.assert_close(ema.shadow[0], torch.full((2,), 9 / 13), rtol=0, atol=3e-7)
-    assert ema.step(theta, 4) is None
-    torch.testing.assert_close(ema.shadow[0], torch.full((2,), 9 / 13), rtol=0, atol=3e-7)
+    decay = ema.step(theta, 2)  # by hand: min(3 / 12, 0.99) = 0.25; shadow = 0.25 * 0 + 0.75 * 1
+    assert decay == pytest.approx(0.25)
+    torch.testing.assert_close(ema.shadow[0], torch.full((2,), 0.75), rtol=0, atol=3e-7)
+    assert ema.step(theta, 3) is None and ema.step(theta, 4) is None
+    theta = [torch.full((2,), 2.0)]
+    decay = ema.step(theta, 5)  # 6 / 15 = 0.4: 0.4 * 0.75 + 0.6 * 2 = 1.5
+    assert decay == pytest.approx(0.4)
+    torch.testing.assert_close(ema.shadow[0], torch.full((2,), 1.5), rtol=0, atol=3e-7)
+    # interval 1 updates at every step, k = 0 included (decay 1/10)
+    every = WeightEMA([torch.zeros(1)], max_decay=0.99, update_step_interval=1)
+    assert every.step([torch.ones(1)], 0) == pytest.approx(0.1)
 
 
 def test_weight_ema_swap_twice_restores():
