@@ -3,7 +3,9 @@
 All return ``t`` of shape [T, B] (T = train_timesteps, B = micro-batch size);
 the trainer flattens it time-major to T * B rows. Discrete types draw T step
 indices shared by the whole micro-batch and read ``t = sigmas[idx]`` (the
-scheduler's ``timesteps / 1000``). Continuous types draw per (timestep, sample).
+scheduler's ``timesteps / 1000``). ``uniform`` draws per (timestep, sample);
+``logit_normal`` draws T values shared by every sample of the micro-batch (the
+reference draws T and repeats each over the batch).
 
 Stratification: stratum k spans ``[lo_k, hi_k)``; ``idx_k = lo_k + floor(u_k (hi_k - lo_k))``.
 """
@@ -48,16 +50,20 @@ def _shuffle_columns(values, generator):
 
 
 def continuous_times(time_type, num_timesteps, batch_size, time_shift, generator=None):
-    """[T, B] times for `uniform` (stratified on [0.2, 1]) or `logit_normal`."""
-    strata = torch.arange(num_timesteps, dtype=torch.float64).unsqueeze(1)
-    u = (strata + torch.rand(num_timesteps, batch_size, generator=generator, dtype=torch.float64)) / num_timesteps
+    """[T, B] times for `uniform` (stratified on [0.2, 1], per sample) or `logit_normal`
+    (T stratified normal quantiles, shuffled, one value per row k shared by all B samples)."""
+    strata = torch.arange(num_timesteps, dtype=torch.float64)
     if time_type == "uniform":
+        u = (strata.unsqueeze(1) + torch.rand(num_timesteps, batch_size, generator=generator,
+                                                dtype=torch.float64)) / num_timesteps
         t = _shuffle_columns(0.2 + 0.8 * u, generator)
         return shift_time(t, time_shift)
     if time_type == "logit_normal":
+        u = (strata + torch.rand(num_timesteps, generator=generator, dtype=torch.float64)) / num_timesteps
         z = math.sqrt(2.0) * torch.erfinv(2 * u - 1)  # standard-normal quantiles of the strata
-        t = torch.sigmoid(_shuffle_columns(z, generator))
-        return shift_time(t, time_shift).clamp(min=0.01)
+        z = z[torch.randperm(num_timesteps, generator=generator)]
+        t = shift_time(torch.sigmoid(z), time_shift).clamp(min=0.01)
+        return t.unsqueeze(1).expand(num_timesteps, batch_size).clone()
     raise ValueError(f"not a continuous time type: {time_type!r}")
 
 

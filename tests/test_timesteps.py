@@ -151,6 +151,9 @@ def test_logit_normal_strata_of_normal_quantiles():
         t = continuous_times("logit_normal", T, B, s, generator=torch.Generator().manual_seed(seed))
         assert t.shape == (T, B) and t.dtype == torch.float64
         assert (t >= 0.01).all() and (t <= 1.0).all()
+        # one value per timestep row, shared by every sample of the micro-batch (reference:
+        # T draws, repeat_interleave over the batch)
+        assert torch.equal(t, t[:, :1].expand(T, B))
         for b in range(B):
             column = t[:, b]
             z = torch.logit(_unshift(column, s)).sort().values  # pre-sigmoid values, ascending
@@ -158,6 +161,21 @@ def test_logit_normal_strata_of_normal_quantiles():
                 if k == 0 and float(column.min()) == 0.01:
                     continue  # clamped: only the lowest stratum can fall below 0.01
                 assert edges[k] - 1e-9 <= float(z[k]) <= edges[k + 1] + 1e-9, (seed, b, z.tolist(), edges)
+
+
+def test_logit_normal_by_hand():
+    # T = 2, s = 1 (no shift): strata [0, 0.5) and [0.5, 1); u_k = (k + r_k) / 2 with r_k the
+    # generator's first two uniforms; z = Phi^-1(u); t = sigmoid(z), rows in randperm order.
+    g = torch.Generator().manual_seed(11)
+    r = torch.rand(2, generator=g, dtype=torch.float64)
+    perm = torch.randperm(2, generator=g)
+    u = [(0 + float(r[0])) / 2, (1 + float(r[1])) / 2]
+    z = [norm.ppf(v) for v in u]
+    want = [1 / (1 + math.exp(-z[int(i)])) for i in perm]
+    t = continuous_times("logit_normal", 2, 3, 1.0, generator=torch.Generator().manual_seed(11))
+    for k in range(2):
+        for b in range(3):
+            assert float(t[k, b]) == pytest.approx(max(want[k], 0.01), rel=1e-12)
 
 
 def test_logit_normal_clamps_at_0p01():
