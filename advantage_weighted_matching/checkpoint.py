@@ -32,7 +32,7 @@ COMPLETE_MARKER = "COMPLETE"
 RESUME_LOCKED_KEYS = (
     "pretrained.model", "resolution", "sample.train_batch_size", "sample.num_image_per_prompt",
     "sample.num_batches_per_epoch", "sample.num_steps", "train.batch_size", "train.gradient_accumulation_steps",
-    "train.train_timesteps", "train.lora_rank", "train.lora_alpha", "train.lora_type", "train.ema",
+    "train.train_timesteps", "train.lora_rank", "train.lora_alpha", "lora_type", "train.ema",
     "train.algorithm", "num_processes",
 )
 
@@ -161,6 +161,23 @@ def load_training_state(path, map_location="cpu"):
 def config_differences(saved, current, keys=RESUME_LOCKED_KEYS):
     """[(key, saved, current)] for locked keys that differ between two flat dicts."""
     return [(key, saved.get(key), current.get(key)) for key in keys if saved.get(key) != current.get(key)]
+
+
+# Keys renamed since a checkpoint may have been written: old flat name -> current flat name.
+RENAMED_KEYS = {"train.time_type": "time_type", "train.time_shift": "time_shift", "train.lora_type": "lora_type"}
+
+
+def saved_flat_config(config_dict):
+    """A checkpoint's config.json as a flat dict under today's key names.
+
+    Checkpoints written before the reference's names were adopted hold ``train.time_type``,
+    ``train.time_shift`` and ``train.lora_type`` and no ``train.num_batches_per_epoch``
+    (it then equalled the micro-batches per epoch, like today's derived value)."""
+    flat = {RENAMED_KEYS.get(key, key): value for key, value in flatten_config(config_dict).items()}
+    if "train.num_batches_per_epoch" not in flat and "sample.train_batch_size" in flat:
+        flat["train.num_batches_per_epoch"] = (
+            flat["sample.train_batch_size"] // flat["train.batch_size"] * flat["sample.num_batches_per_epoch"])
+    return flat
 
 
 def flatten_config(config_dict, prefix=""):

@@ -51,8 +51,8 @@ SHARED = {
     "num_epochs": 100000,
     "per_prompt_stat_tracking": True,
     "train.clip_range": 1,
-    "train.lora_type": "attn",
-    "train.time_shift": 3.0,
+    "lora_type": "attn",
+    "time_shift": 3.0,
     "train.decay_steps": 1e10,
     "train.ema_decay": 0.99,
     "train.ema_update_step_interval": 1,
@@ -123,7 +123,7 @@ def test_table_row(name):
     assert config.sample.noise_level == noise_level
     assert config.train.batch_size == train_bs
     assert config.train.beta == beta
-    assert config.train.time_type == time_type
+    assert config.time_type == time_type
     assert config.save_freq == freq
     assert config.eval_freq == freq
     # the table's formula: groups * k // gpus // 2, groups 24 (geneval, ocr) or 8 (pickscore)
@@ -135,6 +135,7 @@ def test_table_row(name):
 def test_derived_gradient_accumulation(name):
     config = dgx_awm.get_config(name)
     assert config.train.gradient_accumulation_steps == ACCUMULATION[name]
+    assert config.train.num_batches_per_epoch == ACCUMULATION[name]  # the reference defines both
     assert ACCUMULATION[name] == 6 // TABLE[name][6] * TABLE[name][4]
 
 
@@ -288,6 +289,83 @@ def test_config_flags_unknown_override_key_fails():
         _load_flags([f"--config={path}:ocr_sd3_no_cfg_1node", "--config.train.betta=0.5"])
 
 
+# Issue G.3: every key of the reference's published parameter list, under the reference's
+# names, overrides geneval_sd3_no_cfg_1node through the real flag parser (a value of the
+# right type that differs from the preset's, so the override is visible).
+REFERENCE_OVERRIDES = {
+    "resolution": "768", "dataset": "/tmp/prompts", "prompt_fn": "general_ocr", "pretrained.model": "/tmp/model",
+    "sample.num_steps": "20", "sample.eval_num_steps": "30", "sample.guidance_scale": "4.5",
+    "sample.train_batch_size": "12", "sample.test_batch_size": "8", "sample.num_image_per_prompt": "12",
+    "sample.num_batches_per_epoch": "18", "sample.noise_level": "0.7", "sample.sde_frac": "0.5",
+    "sample.global_std": "False", "train.use_sa_solver": "False", "train.batch_size": "2",
+    "train.gradient_accumulation_steps": "36", "train.num_batches_per_epoch": "36", "train.train_timesteps": "4",
+    "train.learning_rate": "1e-4", "train.beta": "0.01", "train.clip_range": "0.5", "train.advantage_max": "2.0",
+    "train.kl_weight": "ELBO", "train.loss_type": "sum_first", "train.weighting": "huber",
+    "train.ghuber_power": "0.5", "train.timestep_fraction": "0.8", "train.kl_ema_weight": "ELBO",
+    "train.kl_ema_decay": "0.5", "train.kl_ema_decay_type": "constant", "train.ema_beta": "0.5",
+    "train.ema": "False", "train.ema_decay": "0.9", "train.ema_update_step_interval": "2",
+    "time_type": "uniform", "time_shift": "1.0", "lora_type": "ffn", "per_prompt_stat_tracking": "False",
+    "num_epochs": "7", "save_freq": "3", "eval_freq": "4",
+}
+
+
+@pytest.mark.parametrize("key", sorted(REFERENCE_OVERRIDES))
+def test_reference_key_overrides(key):
+    path = REPO_ROOT / "advantage_weighted_matching" / "config" / "dgx_awm.py"
+    raw = REFERENCE_OVERRIDES[key]
+    config = _load_flags([f"--config={path}:geneval_sd3_no_cfg_1node", f"--config.{key}={raw}"])
+    before = _get(dgx_awm.geneval_sd3_no_cfg_1node(), key)
+    expected = {"False": False, "True": True}.get(raw, raw)
+    if isinstance(before, (int, float)) and not isinstance(before, bool):
+        expected = type(before)(float(raw))
+    assert _get(config, key) == expected != before
+
+
+def test_reward_fn_override_and_reference_lines_in_a_preset():
+    path = REPO_ROOT / "advantage_weighted_matching" / "config" / "dgx_awm.py"
+    config = _load_flags([f"--config={path}:geneval_sd3_no_cfg_1node", "--config.reward_fn.geneval=0.5"])
+    assert config.reward_fn.to_dict() == {"geneval": 0.5}
+    # lines of the published list, pasted as they are
+    config = dgx_awm.geneval_sd3_no_cfg_1node()
+    config.time_type = "discrete"
+    config.time_shift = 3.0
+    config.lora_type = "attn"
+    config.train.num_batches_per_epoch = config.sample.train_batch_size // config.train.batch_size * 36
+    assert validate(config, 8)["micro_batches_per_rank"] == 72
+
+
+def test_derived_keys_follow_overrides():
+    path = REPO_ROOT / "advantage_weighted_matching" / "config" / "dgx_awm.py"
+    config = _load_flags([f"--config={path}:geneval_sd3_no_cfg_1node", "--config.sample.num_batches_per_epoch=18"])
+    # 6 // 3 * 18 = 36, for both keys; still one optimizer step per epoch
+    assert config.train.gradient_accumulation_steps == config.train.num_batches_per_epoch == 36
+    assert validate(config, 8)["optimizer_steps_per_epoch"] == 1
+    config = _load_flags([f"--config={path}:geneval_sd3_no_cfg_1node", "--config.train.batch_size=2"])
+    assert config.train.gradient_accumulation_steps == config.train.num_batches_per_epoch == 6 // 2 * 36
+    # an explicit accumulation that divides the micro-batches: two optimizer steps per epoch
+    config = _load_flags([f"--config={path}:geneval_sd3_no_cfg_1node", "--config.train.gradient_accumulation_steps=36"])
+    assert config.train.num_batches_per_epoch == 72
+    assert validate(config, 8)["optimizer_steps_per_epoch"] == 2
+
+
+def test_old_checkpoint_config_names_are_mapped():
+    from advantage_weighted_matching.checkpoint import RESUME_LOCKED_KEYS, config_differences, flatten_config, saved_flat_config
+
+    current = dgx_awm.geneval_sd3_no_cfg_1node()
+    old = current.to_dict()
+    old["train"]["time_type"], old["train"]["time_shift"], old["train"]["lora_type"] = (
+        old.pop("time_type"), old.pop("time_shift"), old.pop("lora_type"))
+    del old["train"]["num_batches_per_epoch"]
+    flat = saved_flat_config(old)
+    assert flat["time_type"] == "discrete_wo_init" and flat["lora_type"] == "attn" and flat["time_shift"] == 3.0
+    assert "train.time_type" not in flat
+    assert flat["train.num_batches_per_epoch"] == 72  # 6 // 3 * 36, filled in
+    assert config_differences(flat, flatten_config(current.to_dict())) == []
+    assert "lora_type" in RESUME_LOCKED_KEYS
+    old["train"]["lora_type"] = "ffn"
+    assert config_differences(saved_flat_config(old), flatten_config(current.to_dict())) == [("lora_type", "ffn", "attn")]
+
+
 def test_config_flags_tiny_preset():
     path = REPO_ROOT / "advantage_weighted_matching" / "config" / "tiny_awm.py"
     config = _load_flags([f"--config={path}:tiny_cpu_sde"])
@@ -432,20 +510,22 @@ INVALID = [
     ("kl_weight", _with(train__kl_weight="elbo"), 8, ["train.kl_weight", "'elbo'"]),
     ("kl_ema_weight", _with(train__kl_ema_weight="uniform"), 8, ["train.kl_ema_weight", "'uniform'"]),
     ("loss_type", _with(train__loss_type="exp_last"), 8, ["train.loss_type", "'exp_last'"]),
-    ("time_type", _with(train__time_type="continuous"), 8, ["train.time_type", "'continuous'"]),
+    ("time_type", _with(time_type="continuous"), 8, ["time_type", "'continuous'"]),
     ("kl_ema_decay_type", _with(train__kl_ema_decay_type="cosine"), 8, ["train.kl_ema_decay_type", "'cosine'"]),
-    ("lora_type", _with(train__lora_type="all"), 8, ["train.lora_type", "'all'"]),
+    ("lora_type", _with(lora_type="all"), 8, ["lora_type", "'all'"]),
     ("prompt_fn", _with(prompt_fn="ocr"), 8, ["prompt_fn", "'ocr'"]),
     ("mixed_precision", _with(mixed_precision="fp8"), 8, ["mixed_precision", "'fp8'"]),
     ("train_timesteps_discrete_wo_init", _with(train__train_timesteps=13), 8,
      ["train.train_timesteps=13", "int(14 * 0.9) = 12"]),
-    ("train_timesteps_discrete", _with(train__train_timesteps=13, train__time_type="discrete"), 8,
+    ("train_timesteps_discrete", _with(train__train_timesteps=13, time_type="discrete"), 8,
      ["train.train_timesteps=13", "'discrete'"]),
-    ("train_timesteps_discrete_with_init", _with(train__train_timesteps=10, train__time_type="discrete_with_init",
+    ("train_timesteps_discrete_with_init", _with(train__train_timesteps=10, time_type="discrete_with_init",
                                                  train__timestep_fraction=0.5), 8,
      ["train.train_timesteps=10", "= 7"]),
-    ("gradient_accumulation", _with(train__gradient_accumulation_steps=36), 8,
-     ["train.gradient_accumulation_steps=36", "= 72"]),
+    ("gradient_accumulation", _with(train__gradient_accumulation_steps=50), 8,
+     ["train.gradient_accumulation_steps=50", "72 * 1"]),
+    ("num_batches_per_epoch_not_derived", _with(train__num_batches_per_epoch=36), 8,
+     ["train.num_batches_per_epoch=36", "= 72"]),
     ("gradient_accumulation_zero", _with(train__gradient_accumulation_steps=0), 8,
      ["train.gradient_accumulation_steps=0"]),
     ("unknown_reward", _reward({"ocr": 1.0, "aesthetic": 0.5}), 8, ["reward_fn", "aesthetic"]),
@@ -503,7 +583,7 @@ def test_validate_lists_every_problem():
 @pytest.mark.parametrize("time_type", ["uniform", "logit_normal"])
 def test_train_timesteps_unbounded_for_continuous_time_types(time_type):
     config = dgx_awm.ocr_sd3_no_cfg_1node()
-    config.train.time_type = time_type
+    config.time_type = time_type
     config.train.train_timesteps = 13  # > int(14 * 0.9) = 12: fine when times are drawn continuously
     plan = validate(config, 8)
     assert plan["rows_per_micro_batch"] == 13 * 3
@@ -516,8 +596,8 @@ def test_train_timesteps_boundary_accepted():
 
 
 def test_every_spec_enum_key_is_checked():
-    for key in ("train.weighting", "train.kl_weight", "train.kl_ema_weight", "train.loss_type", "train.time_type",
-                "train.kl_ema_decay_type", "train.lora_type", "prompt_fn"):
+    for key in ("train.weighting", "train.kl_weight", "train.kl_ema_weight", "train.loss_type", "time_type",
+                "train.kl_ema_decay_type", "lora_type", "prompt_fn"):
         assert key in validate_module.ENUMS
     assert validate_module.ENUMS["train.weighting"] == ("Uniform", "t", "t**2", "huber", "ghuber")
     assert set(validate_module.DISCRETE_TIME_TYPES) == {"discrete", "discrete_wo_init", "discrete_with_init"}

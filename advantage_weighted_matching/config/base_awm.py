@@ -4,9 +4,32 @@ Presets (``dgx_awm.py``, ``tiny_awm.py``) are plain functions that start from
 ``get_config()`` and assign values; the returned config is locked, so a typo in
 a preset or on the command line (``--config.train.betta=1``) raises instead of
 silently adding a key the trainer never reads.
+
+Key names are the reference release's: ``time_type``, ``time_shift`` and
+``lora_type`` sit at the top level, so a line of its published parameter list
+(``config.time_type = "discrete_wo_init"``) works unchanged in a preset and as
+``--config.time_type=...``. ``train.gradient_accumulation_steps`` and
+``train.num_batches_per_epoch`` are derived (SPEC 1) through ml_collections
+field references (``one_step_per_epoch`` in the presets): overriding
+``sample.num_batches_per_epoch`` or a batch size on the command line updates both.
 """
 
 import ml_collections
+
+
+def micro_batches_per_epoch(config):
+    """sample.train_batch_size // train.batch_size * sample.num_batches_per_epoch as a lazy
+    ml_collections expression: it follows later assignments and command-line overrides."""
+    return (config.sample.get_ref("train_batch_size") // config.train.get_ref("batch_size")
+            * config.sample.get_ref("num_batches_per_epoch"))
+
+
+def one_step_per_epoch(config):
+    """Accumulate over every micro-batch of the epoch (SPEC 1: the presets' derived
+    ``train.gradient_accumulation_steps``); a fresh expression, so assigning it later leaves
+    ``train.num_batches_per_epoch`` derived."""
+    config.train.gradient_accumulation_steps = micro_batches_per_epoch(config)
+    return config
 
 
 def get_config():
@@ -34,6 +57,9 @@ def get_config():
     config.prompt_fn = "general_ocr"  # "general_ocr" | "geneval" (file format)
     config.reward_fn = ml_collections.ConfigDict({"jpeg_compressibility": 1.0})  # name -> weight
     config.per_prompt_stat_tracking = True  # group advantages by prompt text
+    config.time_type = "discrete"  # training times: discrete | discrete_wo_init | discrete_with_init | uniform | logit_normal
+    config.time_shift = 3.0  # shift s of the continuous time types (t -> s t / (1 + (s - 1) t))
+    config.lora_type = "attn"  # LoRA target modules: "attn" | "ffn"
     config.dump_rank_state = False  # write {save_dir}/rank_state/rank{r}.jsonl each epoch (multi-process tests)
 
     # ---- model ----
@@ -66,7 +92,9 @@ def get_config():
     train.adam_beta2 = 0.999  # AdamW beta2
     train.adam_weight_decay = 1e-4  # AdamW decoupled weight decay
     train.adam_epsilon = 1e-8  # AdamW epsilon
-    train.gradient_accumulation_steps = 1  # micro-batches per optimizer step
+    # Derived (SPEC 1): sample.train_batch_size // train.batch_size * sample.num_batches_per_epoch.
+    train.num_batches_per_epoch = micro_batches_per_epoch(config)  # micro-batches per epoch, per GPU
+    train.gradient_accumulation_steps = 1  # micro-batches per optimizer step, per GPU (presets: one_step_per_epoch)
     train.max_grad_norm = 1.0  # grad-norm clip at each optimizer step
     train.num_inner_epochs = 1  # passes over each epoch's samples
     train.cfg = False  # train with CFG (unused when guidance_scale == 1)
@@ -79,13 +107,10 @@ def get_config():
     train.lora_rank = 32  # LoRA rank r
     train.lora_alpha = 64  # LoRA alpha (scale alpha / r)
     train.lora_init = "gaussian"  # peft init_lora_weights
-    train.lora_type = "attn"  # "attn" | "ffn" target modules
     train.ema = False  # keep a weight-EMA of the LoRA (used for EMA eval)
     train.ema_decay = 0.99  # weight-EMA max decay
     train.ema_update_step_interval = 1  # optimizer steps between weight-EMA updates
     train.train_timesteps = 6  # timesteps T per micro-batch
-    train.time_type = "discrete"  # discrete | discrete_wo_init | discrete_with_init | uniform | logit_normal
-    train.time_shift = 3.0  # shift s for continuous time types
     train.kl_weight = "Uniform"  # "Uniform" | "ELBO" weighting of the base-model KL
     train.loss_type = "exp_first"  # "exp_first" | "sum_first" ratio
     train.weighting = "Uniform"  # Uniform | t | t**2 | huber | ghuber

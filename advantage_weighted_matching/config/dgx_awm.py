@@ -47,22 +47,20 @@ def _sd3_no_cfg_common(num_gpus):
     train.off_policy = False
     train.use_sa_solver = True
     train.clip_range = 1.0
-    train.lora_type = "attn"
-    train.time_shift = 3.0
     train.decay_steps = 1e10
     train.ema_decay = 0.99
     train.ema_update_step_interval = 1
-    return config
+    # top level, under the reference's names
+    config.lora_type = "attn"
+    config.time_shift = 3.0
+    return base_awm.one_step_per_epoch(config)
 
 
 def _set_batches(config, num_gpus, num_groups):
-    """num_batches_per_epoch = num_groups * k // num_gpus // 2 (SPEC table), and
-    the derived accumulation: one optimizer step per epoch."""
+    """num_batches_per_epoch = num_groups * k // num_gpus // 2 (SPEC table). train.num_batches_per_epoch
+    and train.gradient_accumulation_steps follow (base_awm): one optimizer step per epoch."""
     k = config.sample.num_image_per_prompt
     config.sample.num_batches_per_epoch = num_groups * k // num_gpus // 2
-    config.train.gradient_accumulation_steps = (
-        config.sample.train_batch_size // config.train.batch_size * config.sample.num_batches_per_epoch
-    )
 
 
 def _geneval(num_gpus, suffix):
@@ -73,7 +71,7 @@ def _geneval(num_gpus, suffix):
     config.sample.noise_level = 0.4
     config.train.batch_size = 3
     config.train.beta = 0.001
-    config.train.time_type = "discrete_wo_init"
+    config.time_type = "discrete_wo_init"
     config.save_freq = config.eval_freq = 50
     config.run_name = f"geneval_sd3_no_cfg_{suffix}"
     _set_batches(config, num_gpus, num_groups=24)
@@ -88,7 +86,7 @@ def _ocr(num_gpus, suffix):
     config.sample.noise_level = 0.4
     config.train.batch_size = 3
     config.train.beta = 0.003
-    config.train.time_type = "discrete_wo_init"
+    config.time_type = "discrete_wo_init"
     config.save_freq = config.eval_freq = 20
     config.run_name = f"ocr_sd3_no_cfg_{suffix}"
     _set_batches(config, num_gpus, num_groups=24)
@@ -103,7 +101,7 @@ def _pickscore(num_gpus, suffix):
     config.sample.noise_level = 0.0
     config.train.batch_size = 2
     config.train.beta = 0.0001
-    config.train.time_type = "discrete"
+    config.time_type = "discrete"
     config.save_freq = config.eval_freq = 50
     config.run_name = f"pickscore_sd3_no_cfg_{suffix}"
     _set_batches(config, num_gpus, num_groups=8)

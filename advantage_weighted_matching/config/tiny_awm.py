@@ -44,13 +44,12 @@ def tiny_cpu():
     config.sample.sde_frac = 0.0
     config.sample.global_std = True
     config.sample.num_eval_images = 8
+    config.time_type = "discrete_wo_init"
 
     train = config.train
     train.batch_size = 2
-    train.gradient_accumulation_steps = 4  # 4 // 2 * 2: one optimizer step per epoch
     train.learning_rate = 1e-3
     train.train_timesteps = 2
-    train.time_type = "discrete_wo_init"
     train.timestep_fraction = 0.9
     train.weighting = "ghuber"
     train.ghuber_power = 0.25
@@ -64,7 +63,7 @@ def tiny_cpu():
     train.use_sa_solver = True
     train.lora_rank = 4
     train.lora_alpha = 8
-    return config
+    return base_awm.one_step_per_epoch(config)
 
 
 def tiny_cpu_sde():

@@ -64,14 +64,13 @@ def _toy_common():
 
     train = config.train
     train.batch_size = 4
-    train.gradient_accumulation_steps = 8  # 8 // 4 * 4: one optimizer step per epoch
     train.train_timesteps = 4
     train.timestep_fraction = 0.9
     train.learning_rate = 3e-3  # one value for both: of 3e-3 and 1e-2 (one seed each), the steadier for both
     train.lora_rank = 8
     train.lora_alpha = 16
     train.ema = False  # the weight-EMA only changes evaluation; the comparison evaluates the policy
-    return config
+    return base_awm.one_step_per_epoch(config)
 
 
 def toy_awm():
@@ -79,10 +78,10 @@ def toy_awm():
     config.run_name = "toy_awm"
     config.sample.noise_level = 0.4
     config.sample.sde_frac = 0.0
+    config.time_type = "discrete_wo_init"
     train = config.train
     train.algorithm = "awm"
     train.use_sa_solver = True
-    train.time_type = "discrete_wo_init"
     train.weighting = "ghuber"
     train.ghuber_power = 0.25
     train.loss_type = "exp_first"
@@ -116,7 +115,7 @@ DESCRIBED_KEYS = (
     "sample.num_image_per_prompt", "sample.num_batches_per_epoch", "train.algorithm", "train.use_sa_solver",
     "train.batch_size", "train.train_timesteps", "train.learning_rate", "train.lora_rank", "train.lora_alpha",
     "train.clip_range", "train.beta", "train.ema_beta", "train.weighting", "train.advantage_max",
-    "train.adv_clip_max", "train.time_type",
+    "train.adv_clip_max", "time_type",
 )
 
 

@@ -12,9 +12,9 @@ ENUMS = {
     "train.kl_weight": ("Uniform", "ELBO"),
     "train.kl_ema_weight": ("Uniform", "ELBO"),
     "train.loss_type": ("exp_first", "sum_first"),
-    "train.time_type": ("discrete", "discrete_wo_init", "discrete_with_init", "uniform", "logit_normal"),
+    "time_type": ("discrete", "discrete_wo_init", "discrete_with_init", "uniform", "logit_normal"),
     "train.kl_ema_decay_type": ("linear", "constant"),
-    "train.lora_type": ("attn", "ffn"),
+    "lora_type": ("attn", "ffn"),
     "train.lora_init": ("gaussian", "default", "true"),
     "train.algorithm": ("awm", "flow_grpo"),
     "prompt_fn": ("general_ocr", "geneval"),
@@ -50,6 +50,7 @@ RANGES = [
     ("train.adam_weight_decay", lambda v: v >= 0, ">= 0"),
     ("train.adam_epsilon", lambda v: v > 0, "> 0"),
     ("train.gradient_accumulation_steps", lambda v: v >= 1, ">= 1"),
+    ("train.num_batches_per_epoch", lambda v: v >= 1, ">= 1"),
     ("train.max_grad_norm", lambda v: v > 0, "> 0"),
     ("train.num_inner_epochs", lambda v: v >= 1, ">= 1"),
     ("train.adv_clip_max", lambda v: v > 0, "> 0"),
@@ -63,7 +64,7 @@ RANGES = [
     ("train.ema_decay", lambda v: 0 <= v < 1, "in [0, 1)"),
     ("train.ema_update_step_interval", lambda v: v >= 1, ">= 1"),
     ("train.train_timesteps", lambda v: v >= 1, ">= 1"),
-    ("train.time_shift", lambda v: v > 0, "> 0"),
+    ("time_shift", lambda v: v > 0, "> 0"),
     ("train.ghuber_power", lambda v: v > 0, "> 0"),
     ("train.kl_ema_decay", lambda v: 0 <= v <= 1, "in [0, 1]"),
     ("train.decay_steps", lambda v: v > 0, "> 0"),
@@ -141,19 +142,26 @@ def validate(config, num_processes):
             f"num_processes * sample.train_batch_size = {num_processes} * {sample.train_batch_size} must be divisible "
             f"by sample.num_image_per_prompt={sample.num_image_per_prompt} (whole prompt groups per rollout batch)"
         )
-    derived_accumulation = sample.train_batch_size // train.batch_size * sample.num_batches_per_epoch
-    if train.gradient_accumulation_steps != derived_accumulation:
+    micro_batches = sample.train_batch_size // train.batch_size * sample.num_batches_per_epoch
+    if train.num_batches_per_epoch != micro_batches:
         errors.append(
-            f"train.gradient_accumulation_steps={train.gradient_accumulation_steps} must equal sample.train_batch_size "
-            f"// train.batch_size * sample.num_batches_per_epoch = {derived_accumulation} (one optimizer step per epoch)"
+            f"train.num_batches_per_epoch={train.num_batches_per_epoch} must equal sample.train_batch_size // "
+            f"train.batch_size * sample.num_batches_per_epoch = {micro_batches} (micro-batches per epoch; it is "
+            f"derived: leave it unset)"
         )
-    if train.time_type in DISCRETE_TIME_TYPES:
+    elif micro_batches * train.num_inner_epochs % train.gradient_accumulation_steps:
+        errors.append(
+            f"train.gradient_accumulation_steps={train.gradient_accumulation_steps} must divide the micro-batches per "
+            f"epoch, train.num_batches_per_epoch * train.num_inner_epochs = {micro_batches} * "
+            f"{train.num_inner_epochs} (an optimizer step never spans two epochs; the presets take one per epoch)"
+        )
+    if config.time_type in DISCRETE_TIME_TYPES:
         usable = int(sample.num_steps * train.timestep_fraction)
         if train.train_timesteps > usable:
             errors.append(
                 f"train.train_timesteps={train.train_timesteps} must be <= int(sample.num_steps * "
                 f"train.timestep_fraction) = int({sample.num_steps} * {train.timestep_fraction}) = {usable} "
-                f"for train.time_type={train.time_type!r}"
+                f"for time_type={config.time_type!r}"
             )
     if not config.use_lora:
         errors.append("use_lora=False: full fine-tuning is not supported; the trainer trains a LoRA adapter")

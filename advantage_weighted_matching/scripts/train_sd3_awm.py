@@ -97,7 +97,7 @@ def main(_):
     resume_path = ckpt.resolve_resume_path(config.resume_from) if config.resume_from else ""
     flat_config = {**ckpt.flatten_config(config.to_dict()), "num_processes": world}
     if resume_path:
-        saved = ckpt.flatten_config(ckpt.read_json(os.path.join(resume_path, "config.json")))
+        saved = ckpt.saved_flat_config(ckpt.read_json(os.path.join(resume_path, "config.json")))
         differences = ckpt.config_differences(saved, flat_config)
         if differences:
             raise ConfigError(
@@ -134,7 +134,7 @@ def main(_):
     pipeline = load_pipeline(config.pretrained.model, config.pretrained.revision, inference_dtype, device)
 
     lora_cfg = lora_config(config.train.lora_rank, config.train.lora_alpha, config.train.lora_init,
-                           config.train.lora_type)
+                           config.lora_type)
     has_ema_adapter = config.train.ema_beta > 0 or config.train.off_policy
     model = add_lora(pipeline.transformer, lora_cfg, with_ema_adapter=has_ema_adapter)
     if config.train.lora_path:
@@ -263,8 +263,8 @@ def main(_):
                 ref_velocity_fn=ref_v,
             )
         clean = samples["clean_latents"][rows].repeat(T, 1, 1, 1)
-        t = sample_train_times(train_cfg.time_type, T, len(rows), train_sigmas, train_cfg.timestep_fraction,
-                               train_cfg.time_shift, cpu_generator).reshape(-1).to(device, torch.float32)
+        t = sample_train_times(config.time_type, T, len(rows), train_sigmas, train_cfg.timestep_fraction,
+                               config.time_shift, cpu_generator).reshape(-1).to(device, torch.float32)
         noise = torch.randn(clean.shape, generator=noise_generator, device=device, dtype=clean.dtype)
         return awm_loss(
             policy_v, clean, noise, t, samples["advantages"][rows], T, weighting=train_cfg.weighting,
