@@ -156,7 +156,7 @@ def main(_):
 
     from advantage_weighted_matching.evaluation import evaluate, summarize
     from advantage_weighted_matching.prompts import eval_indices
-    from advantage_weighted_matching.rollout import flow_sigmas, load_pipeline
+    from advantage_weighted_matching.rollout import encode_prompts, flow_sigmas, load_pipeline
     from advantage_weighted_matching.visualize import caption, image_grid
 
     start = time.perf_counter()
@@ -180,6 +180,8 @@ def main(_):
 
     reward_fn = multi_score(config.rewards.device or device, dict(config.reward_fn), config.rewards)
     eval_sigmas = flow_sigmas(pipeline.scheduler, config.sample.eval_num_steps)
+    negative = encode_prompts(pipeline, [""], device, config.max_sequence_length) \
+        if config.sample.guidance_scale > 1.0 else None
     autocast = (lambda: torch.autocast("cuda", dtype=inference_dtype)) if inference_dtype != torch.float32 else None
     load_seconds = time.perf_counter() - start
 
@@ -192,7 +194,7 @@ def main(_):
             pipeline, pipeline.transformer, prompts, metadata, reward_fn, sigmas=eval_sigmas,
             resolution=config.resolution, batch_size=batch_size, rank=0, num_processes=1, gather=lambda x: x,
             seed=config.seed, device=device, max_sequence_length=config.max_sequence_length, limit=limit,
-            autocast=autocast, progress=bar.update,
+            autocast=autocast, progress=bar.update, negative=negative, guidance_scale=config.sample.guidance_scale,
         )
     sample_seconds = time.perf_counter() - start
 

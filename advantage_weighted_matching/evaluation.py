@@ -31,9 +31,11 @@ def summarize(rewards):
 @torch.no_grad()
 def evaluate(
     pipeline, transformer, prompts, metadata, reward_fn, *, sigmas, resolution, batch_size, rank, num_processes,
-    gather, seed, device, max_sequence_length=128, limit=0, autocast=None, progress=None,
+    gather, seed, device, max_sequence_length=128, limit=0, autocast=None, progress=None, negative=None,
+    guidance_scale=1.0,
 ):
     """Sample and score the test prompts. `gather(tensor)` concatenates over ranks.
+    With guidance_scale > 1 and `negative` (empty-prompt embeddings), sampling uses CFG.
 
     Returns (rewards: dict key -> np.ndarray over all ranks' images, in rank
     order, padding removed; local images [n, 3, H, W] on CPU; local prompts;
@@ -51,7 +53,7 @@ def evaluate(
         with autocast() if autocast else contextlib.nullcontext():
             result = rollout(
                 pipeline, transformer, embeds, pooled, sigmas, resolution, generator, use_sa_solver=False,
-                deterministic=True,
+                deterministic=True, negative=negative, guidance_scale=guidance_scale,
             )
         scores, info = reward_fn(result.images, batch_prompts, batch_metadata, False)
         num_failures += int(info.get("num_failures", 0))

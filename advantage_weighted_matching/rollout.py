@@ -60,12 +60,15 @@ def encode_prompts(pipeline, prompts, device, max_sequence_length=128):
     return prompt_embeds, pooled
 
 
-def velocity(transformer, x, t, prompt_embeds, pooled, negative=None, guidance_scale=1.0, dtype=None):
+def velocity(transformer, x, t, prompt_embeds, pooled, negative=None, guidance_scale=1.0, dtype=None,
+             detach_uncond=False):
     """v(x, t) [B, C, h, w] at flow time t in [0, 1] (float or [B] tensor), float32.
 
     With guidance_scale > 1 and `negative` = (embeds, pooled) of the empty prompt,
-    classifier-free guidance on the velocity. `dtype`: the model input dtype
-    (default: the transformer's; pass it for wrapped models, e.g. DDP).
+    classifier-free guidance on the velocity, ``v_u + s (v_c - v_u)``, both halves in one
+    call. `detach_uncond`: ``v_u.detach() + s (v_c - v_u)``, Flow-GRPO's training CFG (same
+    value; gradient ``s (dv_c - dv_u)`` instead of ``s dv_c + (1 - s) dv_u``). `dtype`: the
+    model input dtype (default: the transformer's; pass it for wrapped models, e.g. DDP).
     """
     batch = x.shape[0]
     if isinstance(t, torch.Tensor):
@@ -83,7 +86,7 @@ def velocity(transformer, x, t, prompt_embeds, pooled, negative=None, guidance_s
             return_dict=False,
         )[0].float()
         uncond, cond = out.chunk(2)
-        return uncond + guidance_scale * (cond - uncond)
+        return (uncond.detach() if detach_uncond else uncond) + guidance_scale * (cond - uncond)
     out = transformer(
         hidden_states=x.to(dtype), timestep=timestep, encoder_hidden_states=prompt_embeds,
         pooled_projections=pooled, return_dict=False,

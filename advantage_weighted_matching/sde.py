@@ -85,7 +85,8 @@ def sde_sample(velocity_fn, x, sigmas, noise_level, sde_frac, generator=None, de
 def sde_step_mean_rows(x, velocity, sigma, sigma_next, sigma_max, level):
     """Row-wise `sde_step_mean` for training: sigma, sigma_next [R] tensors.
 
-    Returns mean [R, ...] and step std [R, 1, ...] (broadcastable to x).
+    Returns the mean [R, ...], ``std_dev_t = sqrt(sigma / (1 - sigma)) * level`` and the
+    step std ``std_dev_t * sqrt(-dt)``, both [R, 1, ...] (broadcastable to x).
     """
     shape = (-1,) + (1,) * (x.ndim - 1)
     sigma = sigma.to(x.dtype)
@@ -94,4 +95,4 @@ def sde_step_mean_rows(x, velocity, sigma, sigma_next, sigma_max, level):
     std = (torch.sqrt(sigma / denominator) * level).view(shape)
     sigma = sigma.view(shape)
     mean = x * (1 + std**2 / (2 * sigma) * dt) + velocity * (1 + std**2 * (1 - sigma) / (2 * sigma)) * dt
-    return mean, std * torch.sqrt(-dt)
+    return mean, std, std * torch.sqrt(-dt)

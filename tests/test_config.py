@@ -97,9 +97,46 @@ def _set(config, dotted, value):
     setattr(node, leaf, value)
 
 
-def test_exactly_six_presets():
-    assert sorted(dgx_awm.PRESETS) == sorted(TABLE)
-    assert dgx_awm.PRESET_NUM_PROCESSES == {name: row[0] for name, row in TABLE.items()}
+def test_six_awm_presets_and_three_flow_grpo_presets():
+    assert sorted(dgx_awm.PRESETS) == sorted([*TABLE, *FLOW_GRPO])
+    assert dgx_awm.PRESET_NUM_PROCESSES == {**{name: row[0] for name, row in TABLE.items()},
+                                            **{name: 32 for name in FLOW_GRPO}}
+
+
+# SPEC 7: Flow-GRPO's published SD3.5 values (its config/grpo.py); name: (dataset, prompt_fn, reward, beta,
+# test_batch_size).
+FLOW_GRPO = {
+    "flow_grpo_geneval_sd3": ("geneval", "geneval", "geneval", 0.04, 14),
+    "flow_grpo_ocr_sd3": ("ocr", "general_ocr", "ocr", 0.04, 16),
+    "flow_grpo_pickscore_sd3": ("pickscore", "general_ocr", "pickscore", 0.01, 16),
+}
+FLOW_GRPO_SHARED = {
+    "pretrained.model": "stabilityai/stable-diffusion-3.5-medium", "resolution": 512, "mixed_precision": "fp16",
+    "sample.num_steps": 10, "sample.eval_num_steps": 40, "sample.guidance_scale": 4.5,
+    "sample.train_batch_size": 9, "sample.num_image_per_prompt": 24, "sample.num_batches_per_epoch": 4,
+    "sample.noise_level": 0.7, "sample.sde_frac": 1.0, "sample.global_std": True, "train.algorithm": "flow_grpo",
+    "train.use_sa_solver": False, "train.cfg": True, "train.batch_size": 9, "train.gradient_accumulation_steps": 2,
+    "train.num_batches_per_epoch": 4, "train.timestep_fraction": 0.99, "train.clip_range": 1e-4,
+    "train.adv_clip_max": 5.0, "train.advantage_max": 0.0, "train.learning_rate": 3e-4, "train.ema_beta": 0.0,
+    "train.off_policy": False, "train.ema": True, "train.lora_rank": 32, "train.lora_alpha": 64, "lora_type": "attn",
+    "per_prompt_stat_tracking": True, "save_freq": 60, "eval_freq": 60,
+}
+
+
+@pytest.mark.parametrize("name", sorted(FLOW_GRPO))
+def test_flow_grpo_presets(name):
+    dataset, prompt_fn, reward, beta, test_batch_size = FLOW_GRPO[name]
+    config = dgx_awm.get_config(name)
+    for key, value in FLOW_GRPO_SHARED.items():
+        assert _get(config, key) == value, (name, key)
+    assert config.dataset == str(REPO_ROOT / "dataset" / dataset)
+    assert config.prompt_fn == prompt_fn and config.reward_fn.to_dict() == {reward: 1.0}
+    assert config.train.beta == beta and config.sample.test_batch_size == test_batch_size
+    # 48 groups of 24 per epoch on 32 GPUs: 48 * 24 / (32 * 9) = 4 rollout batches; two optimizer steps
+    assert 48 * 24 // (32 * 9) == config.sample.num_batches_per_epoch
+    plan = validate(config, 32)
+    assert plan["prompt_groups_per_epoch"] == 48 and plan["optimizer_steps_per_epoch"] == 2
+    assert plan["passes_per_micro_batch"] == 9  # int(10 * 0.99)
 
 
 @pytest.mark.parametrize("name", sorted(TABLE))
@@ -410,6 +447,7 @@ def test_batch_plan(name):
         "prompt_groups_per_epoch": groups_epoch,
         "images_per_rank_per_epoch": per_rank,
         "micro_batches_per_rank": micro,
+        "passes_per_micro_batch": 1,
         "rows_per_micro_batch": rows,
         "optimizer_steps_per_epoch": steps,
         "total_train_batch": total,
@@ -547,8 +585,11 @@ INVALID = [
      ["train.use_sa_solver=False", "sample.sde_frac > 0"]),
     ("flow_grpo_no_kl_ema", _with(train__algorithm="flow_grpo", train__use_sa_solver=False, sample__sde_frac=1.0), 8,
      ["train.ema_beta=0"]),
-    ("flow_grpo_steps", _with(train__algorithm="flow_grpo", train__use_sa_solver=False, sample__sde_frac=0.25,
-                              train__ema_beta=0.0), 8, ["train.train_timesteps=6", "= 3"]),
+    ("flow_grpo_no_step", _with(train__algorithm="flow_grpo", train__use_sa_solver=False, sample__sde_frac=0.05,
+                                train__ema_beta=0.0), 8, ["no step to train", "min(0.05, 0.9)"]),
+    ("flow_grpo_cfg_without_guidance", _with(train__algorithm="flow_grpo", train__use_sa_solver=False,
+                                             sample__sde_frac=1.0, train__ema_beta=0.0, train__cfg=True), 8,
+     ["train.cfg=True needs sample.guidance_scale > 1"]),
     ("lora_init", _with(train__lora_init="zeros"), 8, ["train.lora_init", "'zeros'"]),
     ("empty_model", _with(pretrained__model=""), 8, ["pretrained.model"]),
     ("empty_dataset", _with(dataset=""), 8, ["dataset is empty"]),

@@ -49,6 +49,7 @@ def expected_plan(preset):
         "prompt_groups_per_epoch": processes * B * num_batches // K,
         "images_per_rank_per_epoch": B * num_batches,
         "micro_batches_per_rank": B * num_batches // micro,
+        "passes_per_micro_batch": 1,  # AWM: one forward/backward of T x micro rows
         "rows_per_micro_batch": T * micro,
         "optimizer_steps_per_epoch": 1,  # SPEC: one optimizer step per epoch in every preset
         "total_train_batch": micro * processes * accumulation,
@@ -111,22 +112,38 @@ def dry_run(preset, *extra, num_processes=None, env=None, cwd=None):
     return result, usage.ru_utime + usage.ru_stime, imported
 
 
-# Extra cases beside the six presets: (preset, process count, env).
+# SPEC 7, Flow-GRPO's SD3 configs by hand: 32 GPUs x 9 images x 4 batches = 1152 images = 48 groups
+# of 24 (12 per rollout batch); per rank 36 images in 4 micro-batches of 9 (a whole rollout batch);
+# each micro-batch trains steps j < int(10 * 0.99) = 9, one pass each of 9 x 2 rows (CFG halves);
+# accumulation 4 // 2 = 2 micro-batches -> 2 optimizer steps per epoch; 9 x 32 x 2 = 576 samples/step.
+FLOW_GRPO_PLAN = {
+    "num_processes": 32, "images_per_epoch": 1152, "group_size": 24, "groups_per_rollout_batch": 12,
+    "prompt_groups_per_epoch": 48, "images_per_rank_per_epoch": 36, "micro_batches_per_rank": 4,
+    "passes_per_micro_batch": 9, "rows_per_micro_batch": 18, "optimizer_steps_per_epoch": 2,
+    "total_train_batch": 576,
+}
+FLOW_GRPO_PRESETS = ("flow_grpo_geneval_sd3", "flow_grpo_ocr_sd3", "flow_grpo_pickscore_sd3")
+
+# Extra cases beside the six presets: (preset, process count, env, extra args).
 EXTRA_CASES = {
-    "world_size_env": ("pickscore_sd3_no_cfg_4nodes", None, {"WORLD_SIZE": "32"}),
-    "invalid_3_processes": ("geneval_sd3_no_cfg_1node", 3, None),
+    "world_size_env": ("pickscore_sd3_no_cfg_4nodes", None, {"WORLD_SIZE": "32"}, ()),
+    "invalid_3_processes": ("geneval_sd3_no_cfg_1node", 3, None, ()),
+    **{name: (name, 32, None, ()) for name in FLOW_GRPO_PRESETS},
+    # issue G acceptance: the reference's top-level key works as an override on the 1node presets
+    **{f"time_type_uniform_{name}": (name, 8, None, ("--config.time_type=uniform",))
+       for name in ("geneval_sd3_no_cfg_1node", "ocr_sd3_no_cfg_1node", "pickscore_sd3_no_cfg_1node")},
 }
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """Every case of this file, concurrently (each in its own empty cwd)."""
-    cases = {preset: (preset, SPEC_TABLE[preset][0], None) for preset in SPEC_TABLE}
+    cases = {preset: (preset, SPEC_TABLE[preset][0], None, ()) for preset in SPEC_TABLE}
     cases.update(EXTRA_CASES)
     cwds = {name: tmp_path_factory.mktemp(name) for name in cases}
-    with ThreadPoolExecutor(max_workers=len(cases)) as pool:
-        futures = {name: pool.submit(dry_run, preset, num_processes=processes, env=env, cwd=cwds[name])
-                   for name, (preset, processes, env) in cases.items()}
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        futures = {name: pool.submit(dry_run, preset, *extra, num_processes=processes, env=env, cwd=cwds[name])
+                   for name, (preset, processes, env, extra) in cases.items()}
         return {name: (*future.result(), cwds[name]) for name, future in futures.items()}
 
 
@@ -155,6 +172,22 @@ def test_preset_batch_plan_matches_spec(preset, runs):
     assert "torch" in imported  # the importtime capture itself works
     assert list(cwd.iterdir()) == []
     assert seconds < 15, f"dry run used {seconds:.1f} s of CPU"
+
+
+@pytest.mark.parametrize("preset", FLOW_GRPO_PRESETS)
+def test_flow_grpo_preset_batch_plan(preset, runs):
+    result, seconds, imported, cwd = runs[preset]
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout.splitlines()[-1]) == FLOW_GRPO_PLAN
+    assert "each 9 forward/backward pass(es) of 18 rows; 2 optimizer step(s)/epoch" in result.stdout
+    assert not imported & set(HEAVY_MODULES) and list(cwd.iterdir()) == []
+
+
+@pytest.mark.parametrize("preset", ["geneval_sd3_no_cfg_1node", "ocr_sd3_no_cfg_1node", "pickscore_sd3_no_cfg_1node"])
+def test_reference_time_type_override_accepted(preset, runs):
+    result, _, _, _ = runs[f"time_type_uniform_{preset}"]
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout.splitlines()[-1]) == expected_plan(preset)
 
 
 def test_world_size_env_is_the_default_process_count(runs):

@@ -4,8 +4,7 @@
 from advantage_weighted_matching.config import toy_awm, validate
 
 SHARED = ("resolution", "max_sequence_length", "num_epochs", "sample.num_steps", "sample.train_batch_size",
-          "sample.num_image_per_prompt", "sample.num_batches_per_epoch", "sample.global_std", "train.batch_size",
-          "train.gradient_accumulation_steps", "train.train_timesteps", "train.timestep_fraction",
+          "sample.num_image_per_prompt", "sample.num_batches_per_epoch", "sample.global_std",
           "train.learning_rate", "train.lora_rank", "train.lora_alpha", "pretrained.model", "dataset", "seed")
 
 
@@ -17,10 +16,14 @@ def _get(config, dotted):
 
 def test_toy_presets_validate_and_share_sizes():
     awm, flow_grpo = toy_awm.toy_awm(), toy_awm.toy_flow_grpo()
-    for config in (awm, flow_grpo):
-        plan = validate(config, 1)
-        assert plan["images_per_epoch"] == 32 and plan["optimizer_steps_per_epoch"] == 1
-        assert dict(config.reward_fn) == {"shapes": 1.0}
+    awm_plan, flow_grpo_plan = validate(awm, 1), validate(flow_grpo, 1)
+    assert awm_plan["images_per_epoch"] == flow_grpo_plan["images_per_epoch"]
+    assert dict(awm.reward_fn) == dict(flow_grpo.reward_fn)
+    # each method's own training rules (SPEC 5 / SPEC 7) on the same samples
+    assert awm_plan["optimizer_steps_per_epoch"] == 1 and awm_plan["passes_per_micro_batch"] == 1
+    assert flow_grpo_plan["optimizer_steps_per_epoch"] == 2
+    assert flow_grpo_plan["passes_per_micro_batch"] == int(flow_grpo.sample.num_steps * 0.99)
+    assert flow_grpo.train.batch_size == flow_grpo.sample.train_batch_size
     for key in SHARED:
         assert _get(awm, key) == _get(flow_grpo, key), key
     assert (awm.train.algorithm, flow_grpo.train.algorithm) == ("awm", "flow_grpo")

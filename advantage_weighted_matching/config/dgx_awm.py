@@ -1,8 +1,10 @@
-"""The six SD3.5-Medium presets of SPEC section 1.
+"""The six SD3.5-Medium AWM presets of SPEC section 1 and the three Flow-GRPO
+baseline presets of SPEC section 7.
 
 Select with ``--config advantage_weighted_matching/config/dgx_awm.py:PRESET``.
 Each preset is a plain function over ``base_awm.get_config()``; the process
-count in its name is the one its batch plan is sized for (8 or 32 GPUs).
+count in its name is the one its batch plan is sized for (8 or 32 GPUs; the
+Flow-GRPO presets 32, as Flow-GRPO's own SD3 configs).
 """
 
 import ml_collections
@@ -108,6 +110,71 @@ def _pickscore(num_gpus, suffix):
     return config
 
 
+def _flow_grpo_sd3(dataset, prompt_fn, reward, beta, test_batch_size):
+    """Flow-GRPO's published SD3.5-Medium settings (its config/grpo.py, SPEC 7), 32 GPUs: SDE
+    rollouts of 10 steps at noise 0.7 with CFG 4.5 (also in training), 9 images per GPU and
+    batch, groups of 24, 48 groups per epoch, every step j < int(10 * 0.99) = 9 trained, two
+    optimizer steps per epoch, ratio clip 1e-4, advantages clipped at 5, KL in mean space."""
+    num_gpus, num_groups = 32, 48
+    config = base_awm.get_config()
+    config.pretrained.model = "stabilityai/stable-diffusion-3.5-medium"
+    config.dataset = dataset_dir(dataset)
+    config.prompt_fn = prompt_fn
+    config.reward_fn = ml_collections.ConfigDict({reward: 1.0})
+    config.resolution = 512
+    config.mixed_precision = "fp16"
+    config.num_epochs = 100000
+    config.save_freq = config.eval_freq = 60
+    config.per_prompt_stat_tracking = True
+    config.run_name = f"flow_grpo_{reward}_sd3"
+
+    sample = config.sample
+    sample.num_steps = 10
+    sample.eval_num_steps = 40
+    sample.guidance_scale = 4.5
+    sample.train_batch_size = 9
+    sample.num_image_per_prompt = 24
+    sample.num_batches_per_epoch = num_groups * 24 // (num_gpus * 9)  # 48 / (32 * 9 / 24) = 4
+    sample.test_batch_size = test_batch_size
+    sample.noise_level = 0.7
+    sample.sde_frac = 1.0  # every rollout step is stochastic
+    sample.global_std = True
+
+    train = config.train
+    train.algorithm = "flow_grpo"
+    train.use_sa_solver = False
+    train.cfg = True
+    train.batch_size = sample.get_ref("train_batch_size")  # one rollout batch per micro-batch
+    train.gradient_accumulation_steps = sample.get_ref("num_batches_per_epoch") // 2  # two optimizer steps per epoch
+    train.num_inner_epochs = 1
+    train.timestep_fraction = 0.99
+    train.learning_rate = 3e-4
+    train.clip_range = 1e-4
+    train.adv_clip_max = 5.0
+    train.advantage_max = 0.0
+    train.beta = beta
+    train.ema_beta = 0.0
+    train.off_policy = False
+    train.ema = True
+    train.ema_decay = 0.9  # Flow-GRPO's EMAModuleWrapper(decay=0.9, update_step_interval=8)
+    train.ema_update_step_interval = 8
+    train.decay_steps = 1e10  # constant learning rate in effect, as Flow-GRPO
+    config.lora_type = "attn"
+    return config
+
+
+def flow_grpo_geneval_sd3():
+    return _flow_grpo_sd3("geneval", "geneval", "geneval", beta=0.04, test_batch_size=14)
+
+
+def flow_grpo_ocr_sd3():
+    return _flow_grpo_sd3("ocr", "general_ocr", "ocr", beta=0.04, test_batch_size=16)
+
+
+def flow_grpo_pickscore_sd3():
+    return _flow_grpo_sd3("pickscore", "general_ocr", "pickscore", beta=0.01, test_batch_size=16)
+
+
 def geneval_sd3_no_cfg_1node():
     return _geneval(8, "1node")
 
@@ -141,10 +208,13 @@ PRESETS = {
         ocr_sd3_no_cfg_4nodes,
         pickscore_sd3_no_cfg_1node,
         pickscore_sd3_no_cfg_4nodes,
+        flow_grpo_geneval_sd3,
+        flow_grpo_ocr_sd3,
+        flow_grpo_pickscore_sd3,
     )
 }
 # The GPU count each preset's batch plan is sized for.
-PRESET_NUM_PROCESSES = {name: 32 if name.endswith("4nodes") else 8 for name in PRESETS}
+PRESET_NUM_PROCESSES = {name: 32 if name.endswith("4nodes") or name.startswith("flow_grpo") else 8 for name in PRESETS}
 
 
 def get_config(name):

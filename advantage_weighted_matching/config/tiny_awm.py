@@ -76,12 +76,17 @@ def tiny_cpu_sde():
 
 
 def tiny_cpu_flow_grpo():
-    """The Flow-GRPO baseline on the tiny pipeline: SDE rollouts, per-step ratios."""
+    """The Flow-GRPO baseline on the tiny pipeline (SPEC 7 rules): SDE rollouts, every step
+    j < int(6 * 0.99) = 5 trained, one rollout batch per micro-batch, two optimizer steps per epoch."""
     config = tiny_cpu_sde()
     config.run_name = "tiny_cpu_flow_grpo"
     config.train.algorithm = "flow_grpo"
     config.sample.noise_level = 0.7
+    config.train.batch_size = config.sample.get_ref("train_batch_size")
+    config.train.gradient_accumulation_steps = config.sample.get_ref("num_batches_per_epoch") // 2
+    config.train.timestep_fraction = 0.99
     config.train.clip_range = 1e-4
+    config.train.beta = 0.04
     config.train.ema_beta = 0.0
     return config
 

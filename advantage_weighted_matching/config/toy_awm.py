@@ -10,9 +10,10 @@ steps, groups of 24 -> 8 images, 6 -> 8 images per rollout batch on one
 process, micro-batch 3 -> 4, 6 -> 4 training timesteps, LoRA rank 32 -> 8 with
 alpha / rank = 2, one optimizer step per epoch, same learning rate). Each keeps
 its own published method settings: AWM as in `dgx_awm.py` (SA-Solver with noise
-0.4, ghuber weighting, clip 1, KL-EMA, beta 0.001); Flow-GRPO as in its paper
-(SDE rollouts with noise 0.7 at every step, per-step ratios clipped at 1e-4,
-velocity KL with beta 0.004, advantages clipped at 5).
+0.4, ghuber weighting, clip 1, KL-EMA, beta 0.001); Flow-GRPO as its release
+trains SD3 (SPEC 7: SDE rollouts with noise 0.7 at every step, every step
+j < int(num_steps * 0.99) trained, two optimizer steps per epoch, per-step ratios
+clipped at 1e-4, mean-space KL with beta 0.04, advantages clipped at 5).
 """
 
 import os
@@ -94,6 +95,10 @@ def toy_awm():
 
 
 def toy_flow_grpo():
+    """Flow-GRPO by SPEC 7's rules at toy scale: SDE rollouts (noise 0.7, every step), every
+    step j < int(num_steps * 0.99) trained, a micro-batch per rollout batch, two optimizer steps
+    per epoch, clip 1e-4, advantages clipped at 5, KL in mean space (beta 0.04, its GenEval /
+    OCR value). The toy model is trained without prompt dropout, so no CFG here (nor for AWM)."""
     config = _toy_common()
     config.run_name = "toy_flow_grpo"
     config.sample.noise_level = 0.7
@@ -101,10 +106,13 @@ def toy_flow_grpo():
     train = config.train
     train.algorithm = "flow_grpo"
     train.use_sa_solver = False
+    train.batch_size = config.sample.get_ref("train_batch_size")
+    train.gradient_accumulation_steps = config.sample.get_ref("num_batches_per_epoch") // 2
+    train.timestep_fraction = 0.99
     train.clip_range = 1e-4
     train.adv_clip_max = 5.0
     train.advantage_max = 0.0
-    train.beta = 0.004
+    train.beta = 0.04
     train.ema_beta = 0.0
     return config
 

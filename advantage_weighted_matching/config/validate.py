@@ -84,11 +84,16 @@ def _get(config, dotted):
 
 
 def batch_plan(config, num_processes):
-    """Derived sizes of one epoch (SPEC section 1). Pure arithmetic on the config."""
+    """Derived sizes of one epoch (SPEC sections 1 and 7). Pure arithmetic on the config."""
     sample, train = config.sample, config.train
     k = sample.num_image_per_prompt
     images_per_batch = num_processes * sample.train_batch_size  # all ranks, one rollout batch
     micro_batches_per_rank = sample.train_batch_size // train.batch_size * sample.num_batches_per_epoch
+    if train.algorithm == "flow_grpo":  # one pass per trained SDE step, B rows (2 B with CFG)
+        passes = int(sample.num_steps * min(sample.sde_frac, train.timestep_fraction))
+        rows = train.batch_size * (2 if train.cfg else 1)
+    else:  # one pass of T timesteps x B samples
+        passes, rows = 1, train.train_timesteps * train.batch_size
     return {
         "num_processes": num_processes,
         "images_per_epoch": images_per_batch * sample.num_batches_per_epoch,
@@ -97,7 +102,8 @@ def batch_plan(config, num_processes):
         "prompt_groups_per_epoch": images_per_batch // k * sample.num_batches_per_epoch,
         "images_per_rank_per_epoch": sample.train_batch_size * sample.num_batches_per_epoch,
         "micro_batches_per_rank": micro_batches_per_rank * train.num_inner_epochs,
-        "rows_per_micro_batch": train.train_timesteps * train.batch_size,
+        "passes_per_micro_batch": passes,
+        "rows_per_micro_batch": rows,
         "optimizer_steps_per_epoch": micro_batches_per_rank * train.num_inner_epochs
         // train.gradient_accumulation_steps,
         "total_train_batch": train.batch_size * num_processes * train.gradient_accumulation_steps,
@@ -108,8 +114,8 @@ def format_batch_plan(plan):
     return (
         f"batch plan ({plan['num_processes']} processes): {plan['images_per_epoch']} images/epoch = "
         f"{plan['prompt_groups_per_epoch']} prompt groups x {plan['group_size']} images; "
-        f"{plan['images_per_rank_per_epoch']} images/rank/epoch in {plan['micro_batches_per_rank']} micro-batches "
-        f"of {plan['rows_per_micro_batch']} (timestep x sample) rows; "
+        f"{plan['images_per_rank_per_epoch']} images/rank/epoch in {plan['micro_batches_per_rank']} micro-batches, "
+        f"each {plan['passes_per_micro_batch']} forward/backward pass(es) of {plan['rows_per_micro_batch']} rows; "
         f"{plan['optimizer_steps_per_epoch']} optimizer step(s)/epoch; "
         f"total train batch {plan['total_train_batch']} samples/step"
     )
@@ -165,18 +171,22 @@ def validate(config, num_processes):
             )
     if not config.use_lora:
         errors.append("use_lora=False: full fine-tuning is not supported; the trainer trains a LoRA adapter")
-    if train.cfg:
-        errors.append("train.cfg=True is not supported: AWM trains the conditional velocity (guidance_scale 1.0)")
-    if train.algorithm == "flow_grpo" and train.use_sa_solver:
+    flow_grpo = train.algorithm == "flow_grpo"
+    if train.cfg and not flow_grpo:
+        errors.append("train.cfg=True is not supported with train.algorithm='awm': AWM trains the conditional "
+                      "velocity (guidance_scale 1.0)")
+    if train.cfg and sample.guidance_scale <= 1.0:
+        errors.append(f"train.cfg=True needs sample.guidance_scale > 1, got {sample.guidance_scale}")
+    if flow_grpo and train.use_sa_solver:
         errors.append("train.algorithm='flow_grpo' needs SDE rollouts with log-probs: set train.use_sa_solver=False")
-    if train.algorithm == "flow_grpo":
+    if flow_grpo:
         if not (sample.noise_level > 0 and sample.sde_frac > 0):
             errors.append("train.algorithm='flow_grpo' needs stochastic rollouts: sample.noise_level > 0 and "
                           "sample.sde_frac > 0")
-        eligible = int(sample.num_steps * min(sample.sde_frac, train.timestep_fraction))
-        if train.train_timesteps > eligible:
-            errors.append(f"train.train_timesteps={train.train_timesteps} must be <= int(sample.num_steps * "
-                          f"min(sample.sde_frac, train.timestep_fraction)) = {eligible} for train.algorithm='flow_grpo'")
+        elif int(sample.num_steps * min(sample.sde_frac, train.timestep_fraction)) < 1:
+            errors.append(f"train.algorithm='flow_grpo' trains the steps j < int(sample.num_steps * "
+                          f"min(sample.sde_frac, train.timestep_fraction)) = int({sample.num_steps} * "
+                          f"min({sample.sde_frac}, {train.timestep_fraction})) = 0: no step to train")
         if train.off_policy or train.ema_beta > 0:
             errors.append("train.algorithm='flow_grpo' is on-policy without KL-EMA: set train.off_policy=False "
                           "and train.ema_beta=0")

@@ -35,7 +35,7 @@ from advantage_weighted_matching.advantages import clip_advantages, group_advant
 from advantage_weighted_matching.config import ConfigError, format_batch_plan, validate
 from advantage_weighted_matching.ema import WeightEMA, kl_ema_decay, lerp_
 from advantage_weighted_matching.evaluation import evaluate, summarize
-from advantage_weighted_matching.flow_grpo import flow_grpo_loss, gather_steps, select_sde_steps
+from advantage_weighted_matching.flow_grpo import flow_grpo_step_loss, num_train_steps, step_rows
 from advantage_weighted_matching.lora import (
     AdapterSwitch, adapter_parameters, add_lora, copy_adapter, load_adapter, lora_config, save_adapter,
 )
@@ -75,11 +75,16 @@ def main(_):
 
     # ---------------------------------------------------------------- setup
     use_wandb = os.environ.get("WANDB_MODE") != "disabled"
+    flow_grpo = config.train.algorithm == "flow_grpo"
+    # Forward/backward passes per micro-batch: AWM one; Flow-GRPO one per trained SDE step, and
+    # its gradients accumulate over micro-batches x steps (SPEC 7).
+    units_per_micro_batch = num_train_steps(config.sample.num_steps, config.train.timestep_fraction,
+                                            config.sample.sde_frac) if flow_grpo else 1
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available(),  # on CPU-only hosts this is what makes torchrun ranks join (gloo)
         mixed_precision=config.mixed_precision,
         log_with="wandb" if use_wandb else None,
-        gradient_accumulation_steps=config.train.gradient_accumulation_steps,
+        gradient_accumulation_steps=config.train.gradient_accumulation_steps * units_per_micro_batch,
     )
     rank, world, device, is_main = (
         accelerator.process_index, accelerator.num_processes, accelerator.device, accelerator.is_main_process,
@@ -218,7 +223,7 @@ def main(_):
             resolution=config.resolution, batch_size=config.sample.test_batch_size, rank=rank,
             num_processes=world, gather=accelerator.gather, seed=config.seed, device=device,
             max_sequence_length=config.max_sequence_length, limit=config.sample.num_eval_images,
-            autocast=accelerator.autocast,
+            autocast=accelerator.autocast, negative=negative, guidance_scale=config.sample.guidance_scale,
             progress=tqdm(desc=f"{tag}", disable=not is_main, leave=False).update,
         )
         summary = {f"{tag}/{key}": value for key, value in summarize(rewards).items()}
@@ -232,36 +237,36 @@ def main(_):
                                                          if isinstance(v, float)), main_process_only=True)
         return summary
 
-    flow_grpo = train_cfg.algorithm == "flow_grpo"
     device_sigmas = train_sigmas.to(device, torch.float32)  # once, not a host-to-device copy per micro-batch
 
-    def micro_batch_loss(samples, rows, cpu_generator, noise_generator):
-        """AWM: flow matching on fresh noisy copies of the clean samples; Flow-GRPO: the
-        stored SDE steps. T timesteps per sample, rows time-major (row k * B + b)."""
-        T = train_cfg.train_timesteps
-        embeds, pooled = samples["embeds"][rows].repeat(T, 1, 1), samples["pooled"][rows].repeat(T, 1)
+    def micro_batch_loss(samples, rows, unit, cpu_generator, noise_generator):
+        """AWM (one unit per micro-batch): flow matching on fresh noisy copies of the clean
+        samples, T timesteps per sample, rows time-major (row k * B + b). Flow-GRPO: unit j is
+        the stored SDE step j of every sample of the micro-batch (SPEC 7)."""
+        repeats = 1 if flow_grpo else train_cfg.train_timesteps
+        embeds, pooled = samples["embeds"][rows].repeat(repeats, 1, 1), samples["pooled"][rows].repeat(repeats, 1)
+        cfg = dict(negative=negative, guidance_scale=config.sample.guidance_scale) if train_cfg.cfg else {}
 
         def policy_v(x, t):
-            return velocity(transformer, x, t, embeds, pooled, dtype=inference_dtype)
+            return velocity(transformer, x, t, embeds, pooled, dtype=inference_dtype, detach_uncond=True, **cfg)
 
         def ref_v(x, t):
             with adapters.disabled(), accelerator.autocast():
-                return velocity(lora_transformer, x, t, embeds, pooled, dtype=inference_dtype)
+                return velocity(lora_transformer, x, t, embeds, pooled, dtype=inference_dtype, **cfg)
 
         def ema_v(x, t):
             with adapters.use("ema"), accelerator.autocast():
                 return velocity(lora_transformer, x, t, embeds, pooled, dtype=inference_dtype)
 
         if flow_grpo:
-            steps = select_sde_steps(T, config.sample.num_steps, config.sample.sde_frac, train_cfg.timestep_fraction,
-                                     cpu_generator).to(device)
-            x, x_next, sigma, sigma_next, old_log_probs = gather_steps(
-                samples["latents"][rows], samples["log_probs"][rows], device_sigmas, steps)
-            return flow_grpo_loss(
+            x, x_next, sigma, sigma_next, old_log_probs = step_rows(
+                samples["latents"][rows], samples["log_probs"][rows], device_sigmas, unit)
+            return flow_grpo_step_loss(
                 policy_v, x, x_next, sigma, sigma_next, float(train_sigmas[1]), config.sample.noise_level,
                 old_log_probs, samples["advantages"][rows], clip_range=train_cfg.clip_range, beta=train_cfg.beta,
                 ref_velocity_fn=ref_v,
             )
+        T = train_cfg.train_timesteps
         clean = samples["clean_latents"][rows].repeat(T, 1, 1, 1)
         t = sample_train_times(config.time_type, T, len(rows), train_sigmas, train_cfg.timestep_fraction,
                                config.time_shift, cpu_generator).reshape(-1).to(device, torch.float32)
@@ -349,14 +354,16 @@ def main(_):
         micro = train_cfg.batch_size
         step_metrics, window_ok = defaultdict(list), True
         for _ in range(train_cfg.num_inner_epochs):
-            order = torch.randperm(per_rank, generator=cpu_generator)
-            for m in tqdm(range(per_rank // micro), desc=f"epoch {epoch} train", disable=not is_main, leave=False):
-                if steps_this_epoch == 0 and stop_requested():
+            order = torch.randperm(per_rank, generator=cpu_generator).to(device)
+            # AWM: one forward/backward pass per micro-batch; Flow-GRPO: one per trained SDE step
+            passes = [(m, unit) for m in range(per_rank // micro) for unit in range(units_per_micro_batch)]
+            for m, unit in tqdm(passes, desc=f"epoch {epoch} train", disable=not is_main, leave=False):
+                if unit == 0 and steps_this_epoch == 0 and stop_requested():
                     save_checkpoint(epoch)
                     return sys.exit(143)
-                rows = order[m * micro:(m + 1) * micro].to(device)
+                rows = order[m * micro:(m + 1) * micro]
                 with accelerator.accumulate(transformer):
-                    loss, metrics = micro_batch_loss(samples, rows, cpu_generator, noise_generator)
+                    loss, metrics = micro_batch_loss(samples, rows, unit, cpu_generator, noise_generator)
                     finite = bool(accelerator.gather(torch.isfinite(loss.detach()).reshape(1)).all())
                     if finite:  # all ranks agree, so DDP's collectives stay matched
                         accelerator.backward(loss)
