@@ -52,8 +52,9 @@ def run_dir(tiny_sd3_dir, tmp_path_factory):
     from advantage_weighted_matching.checkpoint import COMPLETE_MARKER
     from advantage_weighted_matching.lora import adapter_parameters, add_lora, lora_config, save_adapter
 
-    train = tiny_awm.tiny_cpu().train
-    cfg = lora_config(train.lora_rank, train.lora_alpha, train.lora_init, train.lora_type)
+    config = tiny_awm.tiny_cpu()
+    train = config.train
+    cfg = lora_config(train.lora_rank, train.lora_alpha, train.lora_init, config.lora_type)
     model = add_lora(SD3Transformer2DModel.from_pretrained(tiny_sd3_dir / "transformer"), cfg, False)
     generator = torch.Generator().manual_seed(1)
     named = dict(model.named_parameters())

@@ -375,3 +375,24 @@ def test_awm_loss_beta_zero_never_calls_reference_or_ema():
     assert loss.item() == pytest.approx(-2.5 / 3, abs=1e-12)
     with pytest.raises(AssertionError, match="must not be called"):
         awm_loss(policy, clean, noise, t, advantages, 2, beta=0.1, ref_velocity_fn=_raise)
+
+
+def test_awm_loss_off_policy_ghuber_ratio_by_hand():
+    # clean = noise = 0, so the target velocity is 0 and lp = -v^2 for constant velocities.
+    # Policy v = 0.3, EMA (old) v = 0.5, t = 0.5, ghuber p = 0.5 (e = 1e-10):
+    #   w(lp)     = -((0.09 + e)^0.5 - e^0.5) * 0.5 / 0.5 = -(0.3 - 1e-5)
+    #   w(lp_old) = -((0.25 + e)^0.5 - e^0.5) * 0.5 / 0.5 = -(0.5 - 1e-5)
+    #   ratio = exp(0.2) = 1.2214028 (an unweighted old log-prob, -0.25, would give exp(-0.05)).
+    # A = [1, 0], clip 0.3 (ratio inside): loss = mean(-1.2214028, 0) = -0.6107014.
+    shape = (2, 1, 2, 2)
+    clean = noise = torch.zeros(shape)
+    t = torch.full((2,), 0.5, dtype=F64)
+    weight = torch.nn.Parameter(torch.tensor(0.3))
+    policy = lambda x, t: weight * torch.ones_like(x)  # noqa: E731
+    ema = lambda x, t: torch.full_like(x, 0.5)  # noqa: E731
+    loss, metrics = awm_loss(policy, clean, noise, t, torch.tensor([1.0, 0.0]), 1, weighting="ghuber",
+                             ghuber_power=0.5, loss_type="exp_first", clip_range=0.3, ema_velocity_fn=ema,
+                             off_policy=True)
+    assert loss.item() == pytest.approx(-1.2214027581601699 / 2, rel=1e-6)
+    assert metrics["clipfrac"].item() == 0.0
+    assert metrics["log_prob"].item() == pytest.approx(-(0.3 - 1e-5), rel=1e-6)
