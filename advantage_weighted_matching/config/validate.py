@@ -17,6 +17,7 @@ ENUMS = {
     "lora_type": ("attn", "ffn"),
     "train.lora_init": ("gaussian", "default", "true"),
     "train.algorithm": ("awm", "flow_grpo"),
+    "pretrained.backbone": ("sd3", "flux"),
     "prompt_fn": ("general_ocr", "geneval"),
     "mixed_precision": ("no", "fp16", "bf16"),
     "rewards.dtype": ("float32", "float16", "bfloat16"),
@@ -177,6 +178,9 @@ def validate(config, num_processes):
                       "velocity (guidance_scale 1.0)")
     if train.cfg and sample.guidance_scale <= 1.0:
         errors.append(f"train.cfg=True needs sample.guidance_scale > 1, got {sample.guidance_scale}")
+    if config.pretrained.backbone == "flux" and train.cfg:
+        errors.append("train.cfg=True with pretrained.backbone='flux': FLUX.1-dev is guidance-distilled, "
+                      "sample.guidance_scale is a model input and there is no unconditional pass")
     if flow_grpo and train.use_sa_solver:
         errors.append("train.algorithm='flow_grpo' needs SDE rollouts with log-probs: set train.use_sa_solver=False")
     if flow_grpo:
