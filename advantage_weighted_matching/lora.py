@@ -124,9 +124,20 @@ def save_adapter(model, adapter, directory, config):
     StableDiffusion3Pipeline.save_lora_weights(
         directory,
         transformer_lora_layers=adapter_state_dict(model, adapter),
-        transformer_lora_adapter_metadata=config.to_dict(),
+        transformer_lora_adapter_metadata=adapter_metadata(config),
         weight_name=LORA_WEIGHT_NAME,
     )
+
+
+def adapter_metadata(config):
+    """peft LoraConfig -> the metadata dict saved with the weights. peft keeps
+    `target_modules` as a set, whose order varies between processes (string
+    hashing is salted): sorted, so identical runs write byte-identical files."""
+    metadata = config.to_dict()
+    for key, value in metadata.items():
+        if isinstance(value, (set, frozenset)):
+            metadata[key] = sorted(value)
+    return metadata
 
 
 def load_adapter(model, directory, adapter="default"):

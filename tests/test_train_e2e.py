@@ -5,6 +5,7 @@ it trained (a spy on `from_pretrained`, not a fake: the real loader runs).
 """
 
 import os
+import signal
 import sys
 
 import pytest
@@ -12,7 +13,9 @@ import torch
 from accelerate.state import AcceleratorState, GradientState
 
 from advantage_weighted_matching.checkpoint import read_metrics
+from advantage_weighted_matching.runlock import release_all
 from advantage_weighted_matching.scripts import train_sd3_awm as train
+from advantage_weighted_matching.stopping import STOP_SIGNALS
 
 TINY_PRESET = os.path.join(os.path.dirname(train.__file__), "..", "config", "tiny_awm.py")
 
@@ -26,14 +29,18 @@ def run_training(save_dir, model_dir, *overrides, preset="tiny_cpu"):
         f"--config.pretrained.model={model_dir}", *overrides,
     ]
     saved_argv, sys.argv = sys.argv, argv  # config_flags finds its override flags in sys.argv
+    handlers = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
     try:
         train.FLAGS.unparse_flags()
         for name in [n for n in train.FLAGS if n.startswith("config.")]:
             delattr(train.FLAGS, name)  # config_flags re-registers the override flags on every parse
         train.FLAGS(argv)
         train.main(None)
-    finally:
+    finally:  # what the process's end would do: the run dir's lock, pytest's own signal handlers
         sys.argv = saved_argv
+        release_all()
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
     return read_metrics(save_dir)
 
 
