@@ -393,3 +393,82 @@ def test_config_typo_is_one_message_before_any_rank(sandbox):
         "preflight: invalid override --config.train.betta=1: the config has no key 'betta' "
         '(Did you mean "beta" instead of "betta"?)']
     assert not sandbox.record_file.exists() and sandbox.run_dirs() == []
+
+
+# ---------------------------------------------------------------- the real chain
+
+TINY_PRESETS_SHIM = '''"""Test shim: every launcher preset is the tiny CPU preset."""
+from advantage_weighted_matching.config.tiny_awm import get_config as _tiny
+
+
+def get_config(name):
+    del name
+    return _tiny("tiny_cpu")
+'''
+
+
+def processes_mentioning(text):
+    """pids of this machine's processes whose command line contains `text`."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != os.getpid():
+            try:
+                command = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if text in command:
+                found.append((int(entry), command))
+    return found
+
+
+def test_ranks_save_and_exit_when_launcher_and_agent_are_sigkilled(tmp_path, tiny_sd3_dir):
+    """The launcher with the real `accelerate launch` (2 gloo ranks of the tiny preset): SIGKILL
+    the launcher's group and accelerate's group at once. The ranks run in sessions of their own;
+    each asked for SIGTERM when its parent dies, so both save a checkpoint and exit, and
+    nothing of the run is left running."""
+    import socket
+
+    sandbox = Sandbox(tmp_path)
+    (sandbox.bin / "accelerate").unlink()  # the real one, from the virtual environment
+    for path in (Path("advantage_weighted_matching/scripts/train_sd3_awm.py"),
+                 Path("advantage_weighted_matching/accelerate_configs/multi_gpu.yaml")):
+        (sandbox.repo / path).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO_ROOT / path, sandbox.repo / path)
+    (sandbox.repo / PRESETS).write_text(TINY_PRESETS_SHIM)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    run_dir = tmp_path / "run"
+    env = sandbox.env(NUM_PROCESSES=2, MAIN_PROCESS_PORT=port, AWM_RUN_DIR=run_dir, CUDA_VISIBLE_DEVICES="",
+                      OMP_NUM_THREADS=1, WANDB_MODE="offline")
+    for key in ("WORLD_SIZE", "LOCAL_RANK"):
+        env.pop(key, None)
+    proc = subprocess.Popen(
+        ["bash", sandbox.script("geneval"), f"--config.pretrained.model={tiny_sd3_dir}", "--config.num_epochs=100",
+         "--config.save_freq=1", "--config.eval_freq=0", "--config.log_image_freq=0"],
+        cwd=sandbox.bin, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    first = run_dir / "checkpoints" / "checkpoint-000001" / "COMPLETE"
+    try:
+        deadline = time.monotonic() + 180
+        while not first.exists():
+            assert proc.poll() is None, (run_dir / "train.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "no first checkpoint in time"
+            time.sleep(0.2)
+        running = processes_mentioning(str(run_dir))
+        agents = [pid for pid, command in running if "accelerate" in command and "launch" in command]
+        assert len(agents) == 1 and len(running) >= 3, running  # accelerate and its 2 ranks
+        os.killpg(proc.pid, signal.SIGKILL)
+        os.killpg(os.getpgid(agents[0]), signal.SIGKILL)
+        proc.wait(timeout=20)
+        deadline = time.monotonic() + 120
+        while processes_mentioning(str(run_dir)):
+            assert time.monotonic() < deadline, f"left running: {processes_mentioning(str(run_dir))}"
+            time.sleep(0.2)
+    finally:
+        for pid, _ in processes_mentioning(str(run_dir)):
+            os.kill(pid, signal.SIGKILL)
+    log = (run_dir / "train.log").read_text()
+    assert "SIGTERM received: checkpoint saved, exiting with 143" in log, log[-3000:]
+    checkpoints = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert not [name for name in checkpoints if name.startswith(".tmp")], checkpoints
+    assert all((run_dir / "checkpoints" / name / "COMPLETE").exists() for name in checkpoints)
