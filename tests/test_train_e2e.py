@@ -22,6 +22,20 @@ TINY_PRESET = os.path.join(os.path.dirname(train.__file__), "..", "config", "tin
 
 def run_training(save_dir, model_dir, *overrides, preset="tiny_cpu"):
     """Run the training script's main in-process; returns the metrics records."""
+    _run_in_process(train.main, save_dir, model_dir, *overrides, preset=preset)
+    return read_metrics(save_dir)
+
+
+def run_cli(save_dir, model_dir, *overrides, preset="tiny_cpu"):
+    """The command-line entry (`cli_main`: one message, exit status) in-process; returns the status."""
+    try:
+        _run_in_process(train.cli_main, save_dir, model_dir, *overrides, preset=preset)
+    except SystemExit as exit_:
+        return exit_.code
+    return 0
+
+
+def _run_in_process(entry, save_dir, model_dir, *overrides, preset):
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
     argv = [
@@ -35,13 +49,12 @@ def run_training(save_dir, model_dir, *overrides, preset="tiny_cpu"):
         for name in [n for n in train.FLAGS if n.startswith("config.")]:
             delattr(train.FLAGS, name)  # config_flags re-registers the override flags on every parse
         train.FLAGS(argv)
-        train.main(None)
+        entry(None)
     finally:  # what the process's end would do: the run dir's lock, pytest's own signal handlers
         sys.argv = saved_argv
         release_all()
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
-    return read_metrics(save_dir)
 
 
 @pytest.fixture
