@@ -106,13 +106,11 @@ def main(_):
     )
     save_dir = broadcast_object_list([save_dir])[0]  # one timestamp for every rank
     run_lock = preflight.on_main(lambda: preflight.claim_run_dir(save_dir), is_main)  # one run per run dir
-    has_ema_adapter = config.train.ema_beta > 0 or config.train.off_policy
-    adapter_dirs = {"default": "lora", "ema": "kl_ema_lora"} if has_ema_adapter else {"default": "lora"}
     flat_config = {**ckpt.flatten_config(config.to_dict()), "num_processes": world}
     resume_path = ""
     if config.resume_from:  # the newest checkpoint whose checksums verify, and a config it allows
-        required = ["training_state.pt", "config.json", *(f"rng_state_{r}.json" for r in range(world)),
-                    *(f"{name}/{LORA_WEIGHT_NAME}" for name in adapter_dirs.values())]
+        required = ["training_state.pt", "config.json", f"lora/{LORA_WEIGHT_NAME}",
+                    *(f"rng_state_{r}.json" for r in range(world))]  # and whatever its checksums list
         resume_path = preflight.on_main(lambda: ckpt.select_resume_checkpoint(
             config.resume_from, required, warn=logger.warning), is_main, share_result=True)
         saved = ckpt.flatten_config(ckpt.read_json(os.path.join(resume_path, "config.json")))
@@ -144,6 +142,7 @@ def main(_):
 
     lora_cfg = lora_config(config.train.lora_rank, config.train.lora_alpha, config.train.lora_init,
                            config.train.lora_type)
+    has_ema_adapter = config.train.ema_beta > 0 or config.train.off_policy
     model = add_lora(pipeline.transformer, lora_cfg, with_ema_adapter=has_ema_adapter)
     if config.train.lora_path:
         load_adapter(model, config.train.lora_path, "default")
@@ -180,6 +179,7 @@ def main(_):
     first_epoch, global_step = 0, 0
     stateful = {"optimizer": optimizer, "lr_scheduler": lr_scheduler, "scaler": accelerator.scaler,
                 "weight_ema": weight_ema}
+    adapter_dirs = {"default": "lora", "ema": "kl_ema_lora"} if has_ema_adapter else {"default": "lora"}
     if resume_path:
         for adapter, name in adapter_dirs.items():
             load_adapter(model, os.path.join(resume_path, name), adapter)
