@@ -212,10 +212,19 @@ def _parse_legacy_checkpoint(path):
     return path
 
 
-def select_resume_checkpoint(resume_from, required=(), warn=print):
+def required_files(num_processes):
+    """Files every checkpoint of a `num_processes` run has (plus whatever its manifest lists)."""
+    from advantage_weighted_matching.paths import LORA_WEIGHT_NAME
+
+    return ["training_state.pt", "config.json", f"lora/{LORA_WEIGHT_NAME}",
+            *(f"rng_state_{rank}.json" for rank in range(num_processes))]
+
+
+def select_resume_checkpoint(resume_from, num_processes, warn=print):
     """The checkpoint to resume from: `resume_from` itself when it is a checkpoint dir
     (CheckpointError naming the bad file if it does not verify), else the newest
     checkpoint of the run dir that verifies; each one skipped is reported to `warn`."""
+    required = required_files(num_processes)
     candidates = resume_candidates(resume_from)
     if is_checkpoint_dir(resume_from):
         return verify_checkpoint(resume_from, required)

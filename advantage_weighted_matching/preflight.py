@@ -23,7 +23,7 @@ any rank: an error is one line on stderr and exit status 2.
 import os
 import sys
 
-from advantage_weighted_matching.checkpoint import CheckpointError, resume_candidates, run_dir_of
+from advantage_weighted_matching.checkpoint import CheckpointError, list_checkpoints, resume_candidates, run_dir_of
 from advantage_weighted_matching.config import ConfigError
 from advantage_weighted_matching.runlock import RunDirBusy, RunDirLock
 
@@ -85,9 +85,10 @@ def check_paths(config):
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
 
 
-def claim_run_dir(save_dir):
-    """Create the run dir and take its lock (main process only); ConfigError if it cannot
-    be created, RunDirBusy if another run owns it."""
+def claim_run_dir(save_dir, resume_from=""):
+    """Create the run dir and take its lock (main process only). ConfigError if it cannot be
+    created, or if it holds checkpoints of a run this one does not resume (its checkpoints
+    would mix with, and be pruned among, the new ones); RunDirBusy if another run owns it."""
     import logging
 
     try:
@@ -95,6 +96,12 @@ def claim_run_dir(save_dir):
         lock = RunDirLock.acquire(save_dir)
     except OSError as error:
         raise ConfigError(f"run dir {save_dir!r} cannot be created or written: {error}") from None
+    existing = list_checkpoints(os.path.join(save_dir, "checkpoints"))
+    resumes_here = resume_from and os.path.realpath(run_dir_of(resume_from)) == os.path.realpath(save_dir)
+    if existing and not resumes_here:
+        lock.release()
+        raise ConfigError(f"run dir {save_dir} already holds checkpoints of a run ({os.path.basename(existing[-1])}, "
+                          f"...): resume it with --config.resume_from={save_dir}, or choose another save_dir")
     if lock.previous:
         logging.getLogger(__name__).warning(
             "run dir %s: taking over from pid %s on %s, which ended without releasing it", save_dir,

@@ -309,14 +309,14 @@ def test_select_skips_corrupt_newest_and_reports_it(tmp_path):
     good, newest = _full(root, 1), _full(root, 2)
     CORRUPTIONS["bit_flip_in_tensor_data"][0](newest)
     warnings = []
-    assert ckpt.select_resume_checkpoint(str(tmp_path / "run"), warn=warnings.append) == good
+    assert ckpt.select_resume_checkpoint(str(tmp_path / "run"), 1, warn=warnings.append) == good
     assert warnings == [f"resume: skipping checkpoint checkpoint-000002: {os.path.join(newest, LORA)}: "
                         f"sha256 differs from the one saved (corrupt)"]
     with pytest.raises(ckpt.CheckpointError, match="sha256 differs"):  # named explicitly: no fallback
-        ckpt.select_resume_checkpoint(newest)
+        ckpt.select_resume_checkpoint(newest, 1)
     CORRUPTIONS["truncated_lora"][0](good)
     with pytest.raises(ckpt.CheckpointError, match="no checkpoint verifies") as error:
-        ckpt.select_resume_checkpoint(str(tmp_path / "run"), warn=warnings.append)
+        ckpt.select_resume_checkpoint(str(tmp_path / "run"), 1, warn=warnings.append)
     assert str(error.value).count("\n  ") == 2  # one reason per checkpoint
 
 

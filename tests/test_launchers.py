@@ -343,6 +343,7 @@ def test_signal_to_the_launchers_group_reaches_training(sandbox, sig):
     assert proc.returncode == 128 + sig, output
     log = (sandbox.run_dirs()[0] / "train.log").read_text()
     assert f"stopped by {sig.name} (accelerate exit status 1)" in log
+    assert f"resume with --config.resume_from={sandbox.run_dirs()[0]}" in log
     assert "training failed" not in log
     assert "fake accelerate stdout" in output  # the console view still showed training's output
 

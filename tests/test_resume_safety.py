@@ -89,6 +89,14 @@ def test_no_checkpoint_verifies_lists_each_reason(run_copy, tiny_sd3_dir, pipeli
     assert pipeline_spy == []
 
 
+def test_a_fresh_run_in_a_run_dir_with_checkpoints_is_refused(run_copy, tiny_sd3_dir, pipeline_spy):
+    """Its checkpoints would mix with the old run's, and pruning would keep the old run's newest."""
+    before = sorted(p.name for p in (run_copy / "checkpoints").iterdir())
+    with pytest.raises(ConfigError, match=f"run dir {run_copy} already holds checkpoints of a run"):
+        run_training(run_copy, tiny_sd3_dir, *COMMON)
+    assert pipeline_spy == [] and sorted(p.name for p in (run_copy / "checkpoints").iterdir()) == before
+
+
 # ---------------------------------------------------------------- J.10 changed configs
 
 

@@ -71,6 +71,23 @@ awm_has_save_dir_arg() {
     return 1
 }
 
+# The save_dir the trainer uses: the last --config.save_dir among "$2"..., else "$1".
+awm_save_dir() {
+    local save_dir="$1" previous=""
+    shift
+    local arg
+    for arg in "$@"; do
+        case "${arg}" in
+            --config.save_dir=*) save_dir="${arg#--config.save_dir=}" ;;
+        esac
+        if [[ "${previous}" == --config.save_dir ]]; then
+            save_dir="${arg}"
+        fi
+        previous="${arg}"
+    done
+    echo "${save_dir}"
+}
+
 awm_require_env() {
     local name
     local missing=()
@@ -257,14 +274,14 @@ awm_launch() {
     trap 'awm_forward_signal INT' INT
     trap 'awm_forward_signal TERM' TERM
     trap 'awm_forward_signal HUP' HUP
+    local offset  # the console view starts where training's output will
+    offset=$(($(wc -c <"${AWM_LOG_FILE}") + 1))
     # Monitor mode puts the background job in a process group of its own, so
     # signals can be sent to accelerate and all the processes it starts.
     set -m
     "${with_parent[@]}" "${command[@]}" </dev/null >>"${AWM_LOG_FILE}" 2>&1 &
     AWM_TRAIN_PID=$!
     set +m
-    local offset
-    offset=$(($(wc -c <"${AWM_LOG_FILE}") + 1))
     (
         trap '' INT TERM HUP
         exec tail -c "+${offset}" -s 0.2 -F --pid="${AWM_TRAIN_PID}" "${AWM_LOG_FILE}" 2>/dev/null
@@ -280,8 +297,8 @@ awm_launch() {
     kill -KILL "${tail_pid}" 2>/dev/null || true  # it ignores INT/TERM/HUP
 
     if [[ -n "${AWM_STOP_SIGNAL}" ]]; then
-        awm_log "stopped by SIG${AWM_STOP_SIGNAL} (accelerate exit status ${AWM_TRAIN_STATUS}); run directory:" \
-            "${run_dir}; resume with --config.resume_from=${run_dir}"
+        awm_log "stopped by SIG${AWM_STOP_SIGNAL} (accelerate exit status ${AWM_TRAIN_STATUS}); the trainer saved a" \
+            "checkpoint: resume with --config.resume_from=$(awm_save_dir "${run_dir}" "${user_args[@]}")"
         exit $((128 + $(kill -l "${AWM_STOP_SIGNAL}")))
     fi
     if ((AWM_TRAIN_STATUS == 0)); then

@@ -41,7 +41,6 @@ from advantage_weighted_matching.lora import (
 )
 from advantage_weighted_matching.objective import awm_loss
 from advantage_weighted_matching.optim import build_lr_scheduler, build_optimizer
-from advantage_weighted_matching.paths import LORA_WEIGHT_NAME
 from advantage_weighted_matching.prompts import k_repeat_batch, load_prompts
 from advantage_weighted_matching.rollout import encode_prompts, flow_sigmas, load_pipeline, rollout, velocity
 from advantage_weighted_matching.stopping import RewardOutage, StopSignals, TrainingHalted
@@ -105,14 +104,12 @@ def main(_):
         else os.path.join(config.logdir, f"{run_name}_{time.strftime('%Y%m%d_%H%M%S')}")
     )
     save_dir = broadcast_object_list([save_dir])[0]  # one timestamp for every rank
-    run_lock = preflight.on_main(lambda: preflight.claim_run_dir(save_dir), is_main)  # one run per run dir
+    run_lock = preflight.on_main(lambda: preflight.claim_run_dir(save_dir, config.resume_from), is_main)
     flat_config = {**ckpt.flatten_config(config.to_dict()), "num_processes": world}
     resume_path = ""
     if config.resume_from:  # the newest checkpoint whose checksums verify, and a config it allows
-        required = ["training_state.pt", "config.json", f"lora/{LORA_WEIGHT_NAME}",
-                    *(f"rng_state_{r}.json" for r in range(world))]  # and whatever its checksums list
         resume_path = preflight.on_main(lambda: ckpt.select_resume_checkpoint(
-            config.resume_from, required, warn=logger.warning), is_main, share_result=True)
+            config.resume_from, world, warn=logger.warning), is_main, share_result=True)
         saved = ckpt.flatten_config(ckpt.read_json(os.path.join(resume_path, "config.json")))
         for change in ckpt.check_resume_config(saved, flat_config, config.resume_allow_changes, resume_path):
             logger.warning(f"resume with a changed config: {change}", main_process_only=True)
