@@ -53,6 +53,7 @@ RESUME_FREE_KEYS = (
     "resume_allow_changes", "save_dir", "logdir", "run_name", "wandb_project", "dump_rank_state",
     "max_nonfinite_steps", "sample.eval_num_steps", "sample.test_batch_size", "sample.num_eval_images",
     "rewards.device", "rewards.batch_size", "rewards.max_failure_fraction", "rewards.max_failed_epochs",
+    "rewards.remote_geneval_url", "rewards.remote_geneval_timeout_s", "rewards.remote_geneval_retries",
 )
 
 

@@ -12,7 +12,6 @@
 """
 
 import ctypes
-import os
 import signal
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -31,17 +30,13 @@ class StopSignals:
 
     def __init__(self):
         self.signum = 0
-        self.previous = {sig: signal.signal(sig, self._handle) for sig in STOP_SIGNALS}
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, self._handle)
         _die_with_parent(signal.SIGTERM)
 
     def _handle(self, signum, frame):
         del frame
         self.signum = self.signum or signum
-
-    def restore(self):
-        """Put the previous handlers back (for callers that run the trainer in-process)."""
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
 
     @staticmethod
     def describe(signum):

@@ -146,7 +146,9 @@ def test_interrupt_saves_a_checkpoint_and_exits_128_plus_signal(tmp_path, tiny_s
     latest = list_checkpoints(str(save_dir / "checkpoints"))[-1]
     assert latest.endswith(f"checkpoint-{epochs_done:06d}")  # no finished epoch lost
     verify_checkpoint(latest)
-    assert not (save_dir / "run.lock").exists() or "released" in (save_dir / "run.lock").read_text()
+    owner = read_json(save_dir / LOCK_NAME)
+    assert owner["pid"] == process.pid and owner["released"] is True  # released on the way out
+    RunDirLock.acquire(str(save_dir)).release()
 
 
 # ---------------------------------------------------------------- J.8 one message before any model loads

@@ -104,7 +104,7 @@ def main(_):
         else os.path.join(config.logdir, f"{run_name}_{time.strftime('%Y%m%d_%H%M%S')}")
     )
     save_dir = broadcast_object_list([save_dir])[0]  # one timestamp for every rank
-    run_lock = preflight.on_main(lambda: preflight.claim_run_dir(save_dir, config.resume_from), is_main)
+    preflight.on_main(lambda: preflight.claim_run_dir(save_dir, config.resume_from), is_main)  # held till exit
     flat_config = {**ckpt.flatten_config(config.to_dict()), "num_processes": world}
     resume_path = ""
     if config.resume_from:  # the newest checkpoint whose checksums verify, and a config it allows
@@ -430,8 +430,6 @@ def main(_):
             save_checkpoint(epoch + 1)
     reward_executor.shutdown()
     accelerator.end_training()
-    if run_lock is not None:
-        run_lock.release()
 
 
 def _dump_rank_state(save_dir, rank, epoch, batches, gathered_rewards, advantages, policy_params):
@@ -460,6 +458,7 @@ def cli_main(argv):
     """Command-line entry: bad input (exit 2) or a deliberate halt (exit 1) ends in one
     clear message from the first rank, not a traceback per rank."""
     from advantage_weighted_matching.prompts import PromptFileError
+    from advantage_weighted_matching.runlock import release_all
 
     try:
         main(argv)
@@ -467,6 +466,8 @@ def cli_main(argv):
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"train_sd3_awm: {error}", file=sys.stderr)
         sys.exit(1 if isinstance(error, TrainingHalted) else 2)
+    finally:
+        release_all()  # the run dir's lock (the kernel drops it anyway; this marks it released)
 
 
 if __name__ == "__main__":
