@@ -8,7 +8,9 @@ peft's ``set_adapter`` also flips ``requires_grad`` to the active adapter, so
 `use_adapter` always switches back to ``default``. The training loop switches
 with `AdapterSwitch` (no-grad forwards, cheap enough for every micro-batch).
 Saved adapters are diffusers LoRA files (``pytorch_lora_weights.safetensors``
-with peft metadata) that ``StableDiffusion3Pipeline.load_lora_weights`` reads.
+with peft metadata) that ``StableDiffusion3Pipeline.load_lora_weights`` reads;
+their bytes depend only on the weights and the config (sorted metadata and
+header), so identical runs write identical files.
 """
 
 import contextlib
@@ -124,9 +126,36 @@ def save_adapter(model, adapter, directory, config):
     StableDiffusion3Pipeline.save_lora_weights(
         directory,
         transformer_lora_layers=adapter_state_dict(model, adapter),
-        transformer_lora_adapter_metadata=config.to_dict(),
+        transformer_lora_adapter_metadata=adapter_metadata(config),
         weight_name=LORA_WEIGHT_NAME,
     )
+    canonicalize_safetensors(os.path.join(directory, LORA_WEIGHT_NAME))
+
+
+def adapter_metadata(config):
+    """peft LoraConfig -> the metadata dict saved with the weights. peft keeps
+    `target_modules` as a set, whose order varies between processes (string
+    hashing is salted): sorted, so identical runs write byte-identical files."""
+    metadata = config.to_dict()
+    for key, value in metadata.items():
+        if isinstance(value, (set, frozenset)):
+            metadata[key] = sorted(value)
+    return metadata
+
+
+def canonicalize_safetensors(path):
+    """Rewrite a safetensors file's JSON header with sorted keys. The Rust writer keeps the
+    header (tensor entries and ``__metadata__``) in hash maps whose order is random per
+    process; tensor offsets are relative to the data, so only the header changes."""
+    import json
+
+    with open(path, "rb") as f:
+        raw = f.read()
+    length = int.from_bytes(raw[:8], "little")
+    header = json.dumps(json.loads(raw[8:8 + length]), sort_keys=True, separators=(",", ":")).encode("utf-8")
+    header += b" " * (-len(header) % 8)  # the format pads the header to a multiple of 8 bytes
+    with open(path, "wb") as f:
+        f.write(len(header).to_bytes(8, "little") + header + raw[8 + length:])
 
 
 def load_adapter(model, directory, adapter="default"):

@@ -48,7 +48,8 @@ def get_config():
     config.num_checkpoint_limit = 5  # checkpoints kept in {save_dir}/checkpoints
     config.mixed_precision = "fp16"  # "no" | "fp16" | "bf16" (accelerate)
     config.allow_tf32 = True  # TF32 matmuls on Ampere+ GPUs
-    config.resume_from = ""  # checkpoint dir or run dir (latest checkpoint)
+    config.resume_from = ""  # checkpoint dir or run dir (newest checkpoint that verifies)
+    config.resume_allow_changes = False  # resume although reward/seed/dataset/... differ (logged; old config kept)
     config.use_lora = True  # train a LoRA adapter (full fine-tuning unsupported)
     config.resolution = 768  # image side in pixels
     config.max_sequence_length = 128  # T5 tokens of the text encoder (SD3 presets 128, FLUX 512)
@@ -136,6 +137,10 @@ def get_config():
     rewards.geneval_clip = "openai/clip-vit-large-patch14"  # colour classifier
     rewards.geneval_object_names = ""  # class-name list ("" = detector's id2label)
     rewards.remote_geneval_url = ""  # optional JSON-over-HTTP GenEval scorer
+    rewards.remote_geneval_timeout_s = 600.0  # seconds per remote scoring call, retries included
+    rewards.remote_geneval_retries = 3  # retries after a connection error, timeout or HTTP 5xx (backoff 1, 2, 4 s)
+    rewards.max_failure_fraction = 0.5  # fraction (0-1] of an epoch's reward calls failing that marks a failed epoch
+    rewards.max_failed_epochs = 3  # failed epochs in a row before the run saves a checkpoint and stops
 
     config.lock()
     return config

@@ -26,6 +26,7 @@ DISCRETE_TIME_TYPES = ("discrete", "discrete_wo_init", "discrete_with_init")
 
 # (key, predicate, requirement) for numeric ranges.
 RANGES = [
+    ("seed", lambda v: v >= 0 and v == int(v), "an integer >= 0"),
     ("num_epochs", lambda v: v >= 1, ">= 1"),
     ("save_freq", lambda v: v >= 0, ">= 0"),
     ("eval_freq", lambda v: v >= 0, ">= 0"),
@@ -70,6 +71,10 @@ RANGES = [
     ("train.kl_ema_decay", lambda v: 0 <= v <= 1, "in [0, 1]"),
     ("train.decay_steps", lambda v: v > 0, "> 0"),
     ("rewards.batch_size", lambda v: v >= 1, ">= 1"),
+    ("rewards.remote_geneval_timeout_s", lambda v: v > 0, "> 0"),
+    ("rewards.remote_geneval_retries", lambda v: v >= 0, ">= 0"),
+    ("rewards.max_failure_fraction", lambda v: 0 < v <= 1, "in (0, 1]"),
+    ("rewards.max_failed_epochs", lambda v: v >= 1, ">= 1"),
 ]
 
 
