@@ -10,15 +10,8 @@ from advantage_weighted_matching.rollout import rollout
 
 
 @pytest.fixture(scope="session")
-def tiny_flux_dir(tmp_path_factory):
-    from advantage_weighted_matching.tiny_flux import build_tiny_flux
-
-    return build_tiny_flux(tmp_path_factory.mktemp("tiny_flux") / "pipeline", seed=0)
-
-
-@pytest.fixture(scope="session")
 def flux_pipeline(tiny_flux_dir):
-    return Flux.load_pipeline(tiny_flux_dir, "main", torch.float32, "cpu")
+    return Flux.load_pipeline(str(tiny_flux_dir), "main", torch.float32, "cpu")
 
 
 def test_get_backbone():

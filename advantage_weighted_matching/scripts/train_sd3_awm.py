@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from advantage_weighted_matching import checkpoint as ckpt
 from advantage_weighted_matching import preflight
 from advantage_weighted_matching.advantages import clip_advantages, group_advantages
+from advantage_weighted_matching.backbones import get_backbone
 from advantage_weighted_matching.config import ConfigError, format_batch_plan, validate
 from advantage_weighted_matching.ema import WeightEMA, kl_ema_decay, lerp_
 from advantage_weighted_matching.evaluation import evaluate, summarize
@@ -42,7 +43,7 @@ from advantage_weighted_matching.lora import (
 from advantage_weighted_matching.objective import awm_loss
 from advantage_weighted_matching.optim import build_lr_scheduler, build_optimizer
 from advantage_weighted_matching.prompts import k_repeat_batch, load_prompts
-from advantage_weighted_matching.rollout import encode_prompts, flow_sigmas, load_pipeline, rollout, velocity
+from advantage_weighted_matching.rollout import rollout
 from advantage_weighted_matching.stopping import RewardOutage, StopSignals, TrainingHalted
 from advantage_weighted_matching.timesteps import sample_train_times
 from advantage_weighted_matching.visualize import caption, image_grid
@@ -133,17 +134,18 @@ def main(_):
         torch.backends.cuda.matmul.allow_tf32 = True
 
     # ---------------------------------------------------------------- models
+    backbone = get_backbone(config.pretrained.backbone)  # SD3 or FLUX: the model family's calls
     if config.pretrained.tiny_seed >= 0:
-        from advantage_weighted_matching.tiny_sd3 import ensure_tiny_sd3
-
         if is_main:
-            ensure_tiny_sd3(config.pretrained.model, config.pretrained.tiny_seed)
+            backbone.ensure_tiny(config.pretrained.model, config.pretrained.tiny_seed)
         accelerator.wait_for_everyone()
     inference_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
-    pipeline = load_pipeline(config.pretrained.model, config.pretrained.revision, inference_dtype, device)
+    pipeline = backbone.load_pipeline(config.pretrained.model, config.pretrained.revision, inference_dtype, device)
+    if config.train.gradient_checkpointing:  # recompute block activations in backward: memory for time
+        pipeline.transformer.enable_gradient_checkpointing()
 
     lora_cfg = lora_config(config.train.lora_rank, config.train.lora_alpha, config.train.lora_init,
-                           config.lora_type)
+                           config.lora_type, backbone)
     has_ema_adapter = config.train.ema_beta > 0 or config.train.off_policy
     model = add_lora(pipeline.transformer, lora_cfg, with_ema_adapter=has_ema_adapter)
     if config.train.lora_path:
@@ -173,10 +175,11 @@ def main(_):
 
     reward_fn = multi_score(config.rewards.device or device, dict(config.reward_fn), config.rewards)
     reward_executor = ThreadPoolExecutor(max_workers=1)
-    train_sigmas = flow_sigmas(pipeline.scheduler, config.sample.num_steps)
-    eval_sigmas = flow_sigmas(pipeline.scheduler, config.sample.eval_num_steps)
-    negative = encode_prompts(pipeline, [""], device, config.max_sequence_length) \
-        if config.sample.guidance_scale > 1.0 else None
+    train_sigmas = backbone.sigmas(pipeline, config.sample.num_steps, config.resolution)
+    eval_sigmas = backbone.sigmas(pipeline, config.sample.eval_num_steps, config.resolution)
+    guidance = config.sample.guidance_scale
+    negative = backbone.encode_prompts(pipeline, [""], device, config.max_sequence_length) \
+        if backbone.uses_cfg(guidance) else None
 
     first_epoch, global_step = 0, 0
     stateful = {"optimizer": optimizer, "lr_scheduler": lr_scheduler, "scaler": accelerator.scaler,
@@ -199,10 +202,10 @@ def main(_):
         ckpt.write_json(os.path.join(temp, f"rng_state_{rank}.json"), ckpt.rng_state())
         if is_main:
             for adapter, name in adapter_dirs.items():
-                save_adapter(model, adapter, os.path.join(temp, name), lora_cfg)
+                save_adapter(model, adapter, os.path.join(temp, name), lora_cfg, backbone)
             if weight_ema is not None:  # the weight-EMA as a LoRA of its own, for inference
                 weight_ema.swap(policy_params)
-                save_adapter(model, "default", os.path.join(temp, "ema_lora"), lora_cfg)
+                save_adapter(model, "default", os.path.join(temp, "ema_lora"), lora_cfg, backbone)
                 weight_ema.swap(policy_params)
             state = ckpt.training_state(stateful, next_epoch, global_step,
                                         next_epoch * config.sample.num_batches_per_epoch)
@@ -229,7 +232,7 @@ def main(_):
             resolution=config.resolution, batch_size=config.sample.test_batch_size, rank=rank,
             num_processes=world, gather=accelerator.gather, seed=config.seed, device=device,
             max_sequence_length=config.max_sequence_length, limit=config.sample.num_eval_images,
-            autocast=accelerator.autocast, negative=negative, guidance_scale=config.sample.guidance_scale,
+            autocast=accelerator.autocast, negative=negative, guidance_scale=guidance, backbone=backbone,
             progress=tqdm(desc=f"{tag}", disable=not is_main, leave=False).update,
         )
         summary = {f"{tag}/{key}": value for key, value in summarize(rewards).items()}
@@ -251,18 +254,19 @@ def main(_):
         the stored SDE step j of every sample of the micro-batch (SPEC 7)."""
         repeats = 1 if flow_grpo else train_cfg.train_timesteps
         embeds, pooled = samples["embeds"][rows].repeat(repeats, 1, 1), samples["pooled"][rows].repeat(repeats, 1)
-        cfg = dict(negative=negative, guidance_scale=config.sample.guidance_scale) if train_cfg.cfg else {}
+        # SD3: CFG only with train.cfg (the negative embedding); FLUX: the guidance value is an input
+        cfg = dict(negative=negative if train_cfg.cfg else None, guidance_scale=guidance, dtype=inference_dtype)
 
         def policy_v(x, t):
-            return velocity(transformer, x, t, embeds, pooled, dtype=inference_dtype, detach_uncond=True, **cfg)
+            return backbone.velocity(transformer, x, t, embeds, pooled, detach_uncond=True, **cfg)
 
         def ref_v(x, t):
             with adapters.disabled(), accelerator.autocast():
-                return velocity(lora_transformer, x, t, embeds, pooled, dtype=inference_dtype, **cfg)
+                return backbone.velocity(lora_transformer, x, t, embeds, pooled, **cfg)
 
         def ema_v(x, t):
             with adapters.use("ema"), accelerator.autocast():
-                return velocity(lora_transformer, x, t, embeds, pooled, dtype=inference_dtype)
+                return backbone.velocity(lora_transformer, x, t, embeds, pooled, **cfg)
 
         if flow_grpo:
             x, x_next, sigma, sigma_next, old_log_probs = step_rows(
@@ -302,14 +306,14 @@ def main(_):
             all_indices = k_repeat_batch(len(train_prompts), config.seed, counter, world, batch_size, k)
             indices = all_indices[rank * batch_size:(rank + 1) * batch_size].tolist()
             prompts, metadata = [train_prompts[j] for j in indices], [train_metadata[j] for j in indices]
-            embeds, pooled = encode_prompts(pipeline, prompts, device, config.max_sequence_length)
+            embeds, pooled = backbone.encode_prompts(pipeline, prompts, device, config.max_sequence_length)
             generator = torch.Generator(device).manual_seed(stream_seed(config.seed, "rollout", counter, rank))
             sampling_adapter = adapters.use("ema") if train_cfg.off_policy else contextlib.nullcontext()
             with accelerator.autocast(), sampling_adapter:
                 result = rollout(
                     pipeline, lora_transformer, embeds, pooled, train_sigmas, config.resolution, generator,
                     use_sa_solver=train_cfg.use_sa_solver, noise_level=config.sample.noise_level,
-                    sde_frac=config.sample.sde_frac, negative=negative, guidance_scale=config.sample.guidance_scale,
+                    sde_frac=config.sample.sde_frac, negative=negative, guidance_scale=guidance, backbone=backbone,
                 )
             # Score on the worker thread while the next batch samples.
             future = reward_executor.submit(reward_fn, result.images, prompts, metadata, True)
