@@ -43,7 +43,7 @@ RESUME_LOCKED_KEYS = (
     "pretrained.model", "resolution", "sample.train_batch_size", "sample.num_image_per_prompt",
     "sample.num_batches_per_epoch", "sample.num_steps", "train.batch_size", "train.gradient_accumulation_steps",
     "train.train_timesteps", "train.lora_rank", "train.lora_alpha", "lora_type", "train.ema",
-    "train.algorithm", "num_processes",
+    "train.algorithm", "pretrained.backbone", "num_processes",
 )
 # Keys that only say where, how often and how much the run writes or evaluates: they
 # may change on resume. Any other change (reward, seed, dataset, learning rate, ...)
@@ -54,6 +54,7 @@ RESUME_FREE_KEYS = (
     "max_nonfinite_steps", "sample.eval_num_steps", "sample.test_batch_size", "sample.num_eval_images",
     "rewards.device", "rewards.batch_size", "rewards.max_failure_fraction", "rewards.max_failed_epochs",
     "rewards.remote_geneval_url", "rewards.remote_geneval_timeout_s", "rewards.remote_geneval_retries",
+    "train.gradient_checkpointing",  # memory for time, same mathematics
 )
 
 
