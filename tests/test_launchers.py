@@ -83,7 +83,7 @@ def find_shellcheck():
 
 def test_expected_launchers_exist():
     for reward in REWARDS:
-        for name in ("train_single_node.sh", "train_multi_nodes.sh"):
+        for name in ("train_single_node.sh", "train_multi_nodes.sh", "train_flux_single_node.sh"):
             script = REPO_ROOT / f"train_awm_scripts_{reward}" / name
             assert script.is_file(), script
             assert os.access(script, os.X_OK), f"{script} is not executable"
