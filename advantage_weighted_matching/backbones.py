@@ -45,19 +45,11 @@ def _timestep(x, t, scale):
     return torch.full((batch,), t * scale, device=x.device, dtype=torch.float32)
 
 
-def _frozen(pipeline, modules, device):
-    pipeline.set_progress_bar_config(disable=True)
-    for module in modules:
-        module.requires_grad_(False)
-    pipeline.to(device)
-    pipeline.vae.to(torch.float32)  # decoding in fp16 leaves artefacts the rewards would see
-    return pipeline
-
-
 class SD3:
     """Stable Diffusion 3 / 3.5 (MMDiT, three text encoders, CFG)."""
 
     name = "sd3"
+    modules = ("vae", "text_encoder", "text_encoder_2", "text_encoder_3", "transformer")  # all frozen
 
     @staticmethod
     def pipeline_class():
@@ -67,9 +59,15 @@ class SD3:
 
     @classmethod
     def load_pipeline(cls, model, revision, dtype, device):
+        """`from_pretrained` with every module frozen, moved to `device`; the VAE stays in
+        float32 (decoding in fp16 leaves artefacts the rewards would see)."""
         pipeline = cls.pipeline_class().from_pretrained(model, revision=revision, torch_dtype=dtype)
-        return _frozen(pipeline, (pipeline.vae, pipeline.text_encoder, pipeline.text_encoder_2,
-                                  pipeline.text_encoder_3, pipeline.transformer), device)
+        pipeline.set_progress_bar_config(disable=True)
+        for name in cls.modules:
+            getattr(pipeline, name).requires_grad_(False)
+        pipeline.to(device)
+        pipeline.vae.to(torch.float32)
+        return pipeline
 
     @staticmethod
     def lora_targets(lora_type):
@@ -171,18 +169,13 @@ class Flux(SD3):
     """FLUX.1 (double- and single-stream blocks, CLIP pooled + T5 tokens, packed latents, guidance embedding)."""
 
     name = "flux"
+    modules = ("vae", "text_encoder", "text_encoder_2", "transformer")
 
     @staticmethod
     def pipeline_class():
         from diffusers import FluxPipeline
 
         return FluxPipeline
-
-    @classmethod
-    def load_pipeline(cls, model, revision, dtype, device):
-        pipeline = cls.pipeline_class().from_pretrained(model, revision=revision, torch_dtype=dtype)
-        return _frozen(pipeline, (pipeline.vae, pipeline.text_encoder, pipeline.text_encoder_2, pipeline.transformer),
-                       device)
 
     @staticmethod
     def lora_targets(lora_type):

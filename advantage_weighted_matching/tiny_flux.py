@@ -12,13 +12,10 @@ loads back with ``FluxPipeline.from_pretrained(OUT_DIR)``: the code path used fo
 ``black-forest-labs/FLUX.1-dev``. Same seed, same bytes of weights.
 """
 
-import argparse
-import os
-
 import torch
 
 from advantage_weighted_matching.tiny_sd3 import (
-    CLIP_DIM, MAX_LENGTH_CLIP, T5_DIM, _clip_tokenizer, _t5_tokenizer, save_pipeline_atomic,
+    CLIP_DIM, MAX_LENGTH_CLIP, T5_DIM, _clip_tokenizer, _t5_tokenizer, ensure_tiny_sd3, main, save_pipeline_atomic,
 )
 
 LATENT_CHANNELS = 4  # packed 2x2: the transformer sees 16 channels per token
@@ -70,19 +67,8 @@ def build_tiny_flux(out_dir, seed=0):
 
 def ensure_tiny_flux(out_dir, seed=0):
     """Build the tiny FLUX pipeline at `out_dir` unless a complete one is already there."""
-    if not os.path.exists(os.path.join(out_dir, "model_index.json")):
-        build_tiny_flux(out_dir, seed)
-    return out_dir
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("out_dir")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    path = build_tiny_flux(args.out_dir, args.seed)
-    print(f"tiny FluxPipeline (seed {args.seed}) written to {path}")
+    return ensure_tiny_sd3(out_dir, seed, build=build_tiny_flux)
 
 
 if __name__ == "__main__":
-    main()
+    main(build=build_tiny_flux, doc=__doc__)

@@ -129,20 +129,21 @@ def save_pipeline_atomic(pipeline, out_dir, extra_files=None):
     return out_dir
 
 
-def ensure_tiny_sd3(out_dir, seed=0):
-    """Build the tiny pipeline at `out_dir` unless a complete one is already there."""
+def ensure_tiny_sd3(out_dir, seed=0, build=None):
+    """Build the tiny pipeline (`build`, default SD3) at `out_dir` unless a complete one is already there."""
     if not os.path.exists(os.path.join(out_dir, "model_index.json")):
-        build_tiny_sd3(out_dir, seed)
+        (build or build_tiny_sd3)(out_dir, seed)
     return out_dir
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv=None, build=None, doc=__doc__):
+    """`python -m ... OUT_DIR [--seed N]` for a tiny pipeline builder (default SD3)."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("out_dir")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    path = build_tiny_sd3(args.out_dir, args.seed)
-    print(f"tiny StableDiffusion3Pipeline (seed {args.seed}) written to {path}")
+    path = (build or build_tiny_sd3)(args.out_dir, args.seed)
+    print(f"tiny pipeline (seed {args.seed}) written to {path}")
 
 
 if __name__ == "__main__":
