@@ -45,11 +45,14 @@ def _expected_jpeg_reward(image_chw01):
 
 
 def test_registry_names_and_validation():
-    assert {"jpeg_compressibility", "ocr", "pickscore", "geneval"} <= set(REWARDS)
+    # the reference release's multi_score names, plus jpeg_incompressibility and the CPU toys' rewards
+    reference = {"deqa", "ocr", "imagereward", "pickscore", "qwenvl", "aesthetic", "jpeg_compressibility",
+                 "unifiedreward", "geneval"}
+    assert set(REWARDS) == reference | {"jpeg_incompressibility", "brightness", "shapes"}
     validate_reward_names(["ocr", "geneval"])
     with pytest.raises(ValueError) as error:
-        validate_reward_names(["ocr", "aesthetic"])
-    assert "aesthetic" in str(error.value) and "pickscore" in str(error.value)
+        validate_reward_names(["ocr", "aesthetics"])
+    assert "aesthetics" in str(error.value) and "pickscore" in str(error.value)
 
 
 def test_validation_imports_no_heavy_module():
@@ -119,6 +122,20 @@ def test_jpeg_compressibility_matches_formula_and_orders_images():
     assert scores[0] == pytest.approx(_expected_jpeg_reward(flat[0]), abs=0)
     assert scores[1] == pytest.approx(_expected_jpeg_reward(noise[0]), abs=0)
     assert scores[1] < scores[0] < 0  # noise compresses worse
+
+
+def test_jpeg_incompressibility_is_the_size_in_kb():
+    generator = torch.Generator().manual_seed(2)
+    images = torch.cat([torch.full((1, 3, 48, 48), 0.7), torch.rand((1, 3, 48, 48), generator=generator)])
+    scores, info = REWARDS["jpeg_incompressibility"]("cpu", None)(images, ["a", "b"], [{}, {}])
+    assert info == {"num_failures": 0}
+    for image, score in zip(images, scores):
+        array = np.clip(np.round(image.numpy().astype(np.float64) * 255), 0, 255).astype(np.uint8).transpose(1, 2, 0)
+        buffer = io.BytesIO()
+        Image.fromarray(array).save(buffer, format="JPEG", quality=95)
+        assert score == len(buffer.getvalue()) / 1000  # kB, positive, no /500
+        assert score == pytest.approx(-500 * _expected_jpeg_reward(image), abs=1e-12)  # = -500 x compressibility
+    assert scores[1] > scores[0] > 0
 
 
 def test_multi_score_weighted_sum_and_unknown_name():

@@ -128,7 +128,11 @@ def main(_):
     if config.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
 
-    # ---------------------------------------------------------------- models
+    # ---------------------------------------------------------------- rewards, then models
+    from advantage_weighted_matching.rewards import multi_score
+
+    # Before the diffusion model loads: a custom reward's contract probe fails here, in seconds.
+    reward_fn = multi_score(config.rewards.device or device, dict(config.reward_fn), config.rewards)
     if config.pretrained.tiny_seed >= 0:
         from advantage_weighted_matching.tiny_sd3 import ensure_tiny_sd3
 
@@ -165,9 +169,6 @@ def main(_):
     weight_ema = WeightEMA(policy_params, train_cfg.ema_decay, train_cfg.ema_update_step_interval) \
         if train_cfg.ema else None
 
-    from advantage_weighted_matching.rewards import multi_score
-
-    reward_fn = multi_score(config.rewards.device or device, dict(config.reward_fn), config.rewards)
     reward_executor = ThreadPoolExecutor(max_workers=1)
     train_sigmas = flow_sigmas(pipeline.scheduler, config.sample.num_steps)
     eval_sigmas = flow_sigmas(pipeline.scheduler, config.sample.eval_num_steps)
