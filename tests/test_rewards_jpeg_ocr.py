@@ -270,3 +270,14 @@ def test_real_ocr_partial_blank_and_noise(real_ocr, ocr_prompts):
     assert info["num_failures"] == 0
     assert 0.0 < scores[0] < 1.0, (scores, partial)
     assert scores[1] == 0.0 and scores[2] == 0.0
+
+
+def test_prefetch_dry_run_names_the_weights_of_every_model_reward():
+    script = Path(__file__).resolve().parents[1] / "setup" / "prefetch_reward_weights.py"
+    names = "aesthetic,imagereward,qwenvl,deqa,unifiedreward,jpeg_incompressibility"
+    output = subprocess.run([sys.executable, str(script), "--rewards", names, "--dry-run"], capture_output=True,
+                            text=True, check=True).stdout
+    defaults = reward_config_defaults()
+    for expected in (defaults["aesthetic_head"], defaults["aesthetic_clip"], "THUDM/ImageReward/ImageReward.pt",
+                     "THUDM/ImageReward/med_config.json", defaults["imagereward_tokenizer"], defaults["qwenvl_model"]):
+        assert f"would download {expected}" in output
