@@ -26,9 +26,9 @@ def saturation(images, prompts, metadata):
     """Mean HSV saturation per image, in [0, 1]: ``(max_c - min_c) / max_c`` per pixel
     (0 for black pixels), averaged over the pixels. Returns a float tensor [B]."""
     del prompts, metadata
-    brightest = images.amax(dim=1)  # [B, H, W]
-    darkest = images.amin(dim=1)
-    per_pixel = torch.where(brightest > 0, (brightest - darkest) / brightest.clamp_min(1e-12), torch.zeros_like(brightest))
+    brightest, darkest = images.amax(dim=1), images.amin(dim=1)  # [B, H, W]
+    per_pixel = torch.where(brightest > 0, (brightest - darkest) / brightest.clamp_min(1e-12),
+                            torch.zeros_like(brightest))
     return per_pixel.mean(dim=(1, 2))
 
 
@@ -48,11 +48,10 @@ def clip_similarity(device, reward_config):
 
     @torch.no_grad()
     def score(images, prompts, metadata):
-        del metadata
         pixels = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
         pil_images = [Image.fromarray(image.permute(1, 2, 0).numpy()) for image in pixels]
-        inputs = processor(text=list(prompts), images=pil_images, padding=True, truncation=True, max_length=77,
-                           return_tensors="pt").to(device)
+        inputs = processor(text=list(prompts), images=pil_images, padding=True, truncation=True,
+                           max_length=77, return_tensors="pt").to(device)
         image_embeddings = model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output
         text_embeddings = model.get_text_features(input_ids=inputs["input_ids"],
                                                   attention_mask=inputs["attention_mask"]).pooler_output
