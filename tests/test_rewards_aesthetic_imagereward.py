@@ -229,7 +229,8 @@ def reference_imagereward(state, pixels, input_ids, attention_mask):
     image_embeds = norm(x, f"{v}.norm", 1e-6)
     t = "blip.text_encoder"
     positions = torch.arange(input_ids.shape[1])
-    h = s[f"{t}.embeddings.word_embeddings.weight"][input_ids] + s[f"{t}.embeddings.position_embeddings.weight"][positions]
+    h = (s[f"{t}.embeddings.word_embeddings.weight"][input_ids]
+         + s[f"{t}.embeddings.position_embeddings.weight"][positions])
     h = norm(h, f"{t}.embeddings.LayerNorm", 1e-12)
     padding = (1.0 - attention_mask[:, None, None, :].float()) * -10000.0  # BERT's extended mask
     for i in range(TEXT_DEPTH):

@@ -58,8 +58,9 @@ def resolve_reward_config(reward_config):
     if batch_size < 1:
         raise ValueError(f"rewards.batch_size must be >= 1, got {batch_size}")
     resolved["batch_size"] = batch_size
-    if resolved["dtype"] not in ("float32", "float16", "bfloat16"):
-        raise ValueError(f"rewards.dtype must be float32, float16 or bfloat16, got {resolved['dtype']!r}")
+    for key in ("dtype", "qwenvl_dtype"):
+        if resolved[key] not in ("float32", "float16", "bfloat16"):
+            raise ValueError(f"rewards.{key} must be float32, float16 or bfloat16, got {resolved[key]!r}")
     return resolved
 
 

@@ -224,8 +224,9 @@ class ImageRewardScorer:
 
     def score_batch(self, images, prompts):
         images_uint8 = images_to_uint8_hwc(images)
-        results, failed = run_chunks(lambda start, stop: self.score_chunk(images_uint8[start:stop], prompts[start:stop]),
-                                     len(prompts), self.batch_size, "imagereward")
+        results, failed = run_chunks(
+            lambda start, stop: self.score_chunk(images_uint8[start:stop], prompts[start:stop]),
+            len(prompts), self.batch_size, "imagereward")
         scores = np.array([0.0 if bad else value for value, bad in zip(results, failed)], dtype=np.float64)
         return scores, int(failed.sum())
 
