@@ -156,7 +156,7 @@ def main(_):
 
     from advantage_weighted_matching.evaluation import evaluate, summarize
     from advantage_weighted_matching.prompts import eval_indices
-    from advantage_weighted_matching.rollout import encode_prompts, flow_sigmas, load_pipeline
+    from advantage_weighted_matching.backbones import get_backbone
     from advantage_weighted_matching.visualize import caption, image_grid
 
     start = time.perf_counter()
@@ -167,11 +167,10 @@ def main(_):
         torch.backends.cuda.matmul.allow_tf32 = True
 
     # ---------------------------------------------------------------- models
+    backbone = get_backbone(config.pretrained.backbone)
     if config.pretrained.tiny_seed >= 0:
-        from advantage_weighted_matching.tiny_sd3 import ensure_tiny_sd3
-
-        ensure_tiny_sd3(config.pretrained.model, config.pretrained.tiny_seed)
-    pipeline = load_pipeline(config.pretrained.model, config.pretrained.revision, inference_dtype, device)
+        backbone.ensure_tiny(config.pretrained.model, config.pretrained.tiny_seed)
+    pipeline = backbone.load_pipeline(config.pretrained.model, config.pretrained.revision, inference_dtype, device)
     if lora_dir:
         _load_lora(pipeline, lora_dir)
     pipeline.transformer.eval()
@@ -179,9 +178,9 @@ def main(_):
     from advantage_weighted_matching.rewards import multi_score
 
     reward_fn = multi_score(config.rewards.device or device, dict(config.reward_fn), config.rewards)
-    eval_sigmas = flow_sigmas(pipeline.scheduler, config.sample.eval_num_steps)
-    negative = encode_prompts(pipeline, [""], device, config.max_sequence_length) \
-        if config.sample.guidance_scale > 1.0 else None
+    eval_sigmas = backbone.sigmas(pipeline, config.sample.eval_num_steps, config.resolution)
+    negative = backbone.encode_prompts(pipeline, [""], device, config.max_sequence_length) \
+        if backbone.uses_cfg(config.sample.guidance_scale) else None
     autocast = (lambda: torch.autocast("cuda", dtype=inference_dtype)) if inference_dtype != torch.float32 else None
     load_seconds = time.perf_counter() - start
 
@@ -195,6 +194,7 @@ def main(_):
             resolution=config.resolution, batch_size=batch_size, rank=0, num_processes=1, gather=lambda x: x,
             seed=config.seed, device=device, max_sequence_length=config.max_sequence_length, limit=limit,
             autocast=autocast, progress=bar.update, negative=negative, guidance_scale=config.sample.guidance_scale,
+            backbone=backbone,
         )
     sample_seconds = time.perf_counter() - start
 

@@ -11,7 +11,8 @@ import numpy as np
 import torch
 
 from advantage_weighted_matching.prompts import eval_indices
-from advantage_weighted_matching.rollout import encode_prompts, rollout
+from advantage_weighted_matching.backbones import SD3
+from advantage_weighted_matching.rollout import rollout
 
 # Per-image fields that use -10 for "not this image's tag" (ignored in means).
 NOT_APPLICABLE = -10.0
@@ -32,7 +33,7 @@ def summarize(rewards):
 def evaluate(
     pipeline, transformer, prompts, metadata, reward_fn, *, sigmas, resolution, batch_size, rank, num_processes,
     gather, seed, device, max_sequence_length=128, limit=0, autocast=None, progress=None, negative=None,
-    guidance_scale=1.0,
+    guidance_scale=1.0, backbone=SD3,
 ):
     """Sample and score the test prompts. `gather(tensor)` concatenates over ranks.
     With guidance_scale > 1 and `negative` (empty-prompt embeddings), sampling uses CFG.
@@ -48,12 +49,12 @@ def evaluate(
         real = [i if i >= 0 else 0 for i in indices]  # pad with prompt 0, dropped after gather
         batch_prompts = [prompts[i] for i in real]
         batch_metadata = [metadata[i] for i in real]
-        embeds, pooled = encode_prompts(pipeline, batch_prompts, device, max_sequence_length)
+        embeds, pooled = backbone.encode_prompts(pipeline, batch_prompts, device, max_sequence_length)
         generator = torch.Generator(device).manual_seed(seed + 1_000_003 * batch_index + rank)
         with autocast() if autocast else contextlib.nullcontext():
             result = rollout(
                 pipeline, transformer, embeds, pooled, sigmas, resolution, generator, use_sa_solver=False,
-                deterministic=True, negative=negative, guidance_scale=guidance_scale,
+                deterministic=True, negative=negative, guidance_scale=guidance_scale, backbone=backbone,
             )
         scores, info = reward_fn(result.images, batch_prompts, batch_metadata, False)
         num_failures += int(info.get("num_failures", 0))

@@ -8,7 +8,9 @@ peft's ``set_adapter`` also flips ``requires_grad`` to the active adapter, so
 `use_adapter` always switches back to ``default``. The training loop switches
 with `AdapterSwitch` (no-grad forwards, cheap enough for every micro-batch).
 Saved adapters are diffusers LoRA files (``pytorch_lora_weights.safetensors``
-with peft metadata) that ``StableDiffusion3Pipeline.load_lora_weights`` reads.
+with peft metadata) that the pipeline's ``load_lora_weights`` reads (SD3 or FLUX);
+their bytes depend only on the weights and the config (sorted metadata and
+header), so identical runs write identical files.
 """
 
 import contextlib
@@ -16,19 +18,14 @@ import os
 
 import torch
 
+from advantage_weighted_matching.backbones import SD3
 from advantage_weighted_matching.paths import LORA_WEIGHT_NAME
 
-ATTN_TARGETS = [
-    "attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",
-    "attn.to_k", "attn.to_out.0", "attn.to_q", "attn.to_v",
-]
-FFN_TARGETS = ["ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"]
-
-
-def lora_config(rank, alpha, init, lora_type):
+def lora_config(rank, alpha, init, lora_type, backbone=SD3):
+    """peft LoraConfig on the backbone's `lora_type` target modules (SPEC 5: attn / ffn)."""
     from peft import LoraConfig
 
-    targets = {"attn": ATTN_TARGETS, "ffn": FFN_TARGETS}[lora_type]
+    targets = backbone.lora_targets(lora_type)
     init_lora_weights = {"gaussian": "gaussian", "default": True, "true": True}[init]
     return LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=init_lora_weights, target_modules=targets)
 
@@ -117,16 +114,41 @@ def adapter_state_dict(model, adapter):
     return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
 
 
-def save_adapter(model, adapter, directory, config):
-    """Write `adapter` as a diffusers LoRA dir loadable by `load_lora_weights`."""
-    from diffusers import StableDiffusion3Pipeline
-
-    StableDiffusion3Pipeline.save_lora_weights(
+def save_adapter(model, adapter, directory, config, backbone=SD3):
+    """Write `adapter` as a diffusers LoRA dir loadable by the backbone pipeline's `load_lora_weights`."""
+    backbone.pipeline_class().save_lora_weights(
         directory,
         transformer_lora_layers=adapter_state_dict(model, adapter),
-        transformer_lora_adapter_metadata=config.to_dict(),
+        transformer_lora_adapter_metadata=adapter_metadata(config),
         weight_name=LORA_WEIGHT_NAME,
     )
+    canonicalize_safetensors(os.path.join(directory, LORA_WEIGHT_NAME))
+
+
+def adapter_metadata(config):
+    """peft LoraConfig -> the metadata dict saved with the weights. peft keeps
+    `target_modules` as a set, whose order varies between processes (string
+    hashing is salted): sorted, so identical runs write byte-identical files."""
+    metadata = config.to_dict()
+    for key, value in metadata.items():
+        if isinstance(value, (set, frozenset)):
+            metadata[key] = sorted(value)
+    return metadata
+
+
+def canonicalize_safetensors(path):
+    """Rewrite a safetensors file's JSON header with sorted keys. The Rust writer keeps the
+    header (tensor entries and ``__metadata__``) in hash maps whose order is random per
+    process; tensor offsets are relative to the data, so only the header changes."""
+    import json
+
+    with open(path, "rb") as f:
+        raw = f.read()
+    length = int.from_bytes(raw[:8], "little")
+    header = json.dumps(json.loads(raw[8:8 + length]), sort_keys=True, separators=(",", ":")).encode("utf-8")
+    header += b" " * (-len(header) % 8)  # the format pads the header to a multiple of 8 bytes
+    with open(path, "wb") as f:
+        f.write(len(header).to_bytes(8, "little") + header + raw[8 + length:])
 
 
 def load_adapter(model, directory, adapter="default"):

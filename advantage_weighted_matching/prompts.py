@@ -4,10 +4,12 @@ Formats:
 * ``general_ocr``: ``{dataset}/{split}.txt``, one prompt a line, metadata ``{}``.
 * ``geneval``: ``{dataset}/{split}_metadata.jsonl``, one JSON object a line with
   ``prompt``, ``tag``, ``include`` (list of ``{class, count, color?, position?}``)
-  and optional ``exclude``.
+  and optional ``exclude``; every class one of the object names (GenEval's 80, or
+  the ``rewards.geneval_object_names`` file), every colour one of GenEval's 10.
 
-Every malformed line raises `PromptFileError` naming the file and line number,
-before any model is loaded.
+Files are UTF-8. Every malformed line (bytes that are not UTF-8 included)
+raises `PromptFileError` naming the file and line number, before any model is
+loaded.
 """
 
 import json
@@ -15,6 +17,8 @@ import os
 import re
 
 import torch
+
+from advantage_weighted_matching.rewards.geneval_rules import COLORS, OBJECT_NAMES
 
 GENEVAL_TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 POSITION_RELATIONS = ("left of", "right of", "above", "below")
@@ -33,8 +37,16 @@ def prompt_file(dataset, prompt_fn, split):
 def _read_lines(path):
     if not os.path.isfile(path):
         raise PromptFileError(f"prompt file not found: {path}")
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().splitlines()
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = raw.count(b"\n", 0, error.start) + 1
+        column = error.start - raw.rfind(b"\n", 0, error.start)
+        raise PromptFileError(f"{path}:{line}: not UTF-8 (byte 0x{raw[error.start]:02x} at column {column}); "
+                              f"save the file as UTF-8") from None
+    lines = text.splitlines()
     while lines and not lines[-1].strip():  # tolerate trailing blank lines only
         lines.pop()
     if not lines:
@@ -58,16 +70,19 @@ def load_text_prompts(path, require_quoted_text=False):
     return prompts, [{} for _ in prompts]
 
 
-def _check_clause(clause, where, allow_position):
+def _check_clause(clause, where, allow_position, object_names):
     if not isinstance(clause, dict):
         raise PromptFileError(f"{where}: clause must be an object, got {clause!r}")
     if not isinstance(clause.get("class"), str) or not clause["class"]:
         raise PromptFileError(f"{where}: clause needs a non-empty string 'class': {clause!r}")
+    if clause["class"] not in object_names:
+        raise PromptFileError(f"{where}: unknown class {clause['class']!r}: the detector knows "
+                              f"{len(object_names)} object names (e.g. {', '.join(sorted(object_names)[:4])}, ...)")
     count = clause.get("count")
     if isinstance(count, bool) or not isinstance(count, int) or count < 1:
         raise PromptFileError(f"{where}: clause needs an integer 'count' >= 1: {clause!r}")
-    if "color" in clause and not isinstance(clause["color"], str):
-        raise PromptFileError(f"{where}: 'color' must be a string: {clause!r}")
+    if "color" in clause and clause["color"] not in COLORS:
+        raise PromptFileError(f"{where}: 'color' must be one of {list(COLORS)}, got {clause['color']!r}")
     if "position" in clause:
         position = clause["position"]
         if not allow_position:
@@ -85,8 +100,16 @@ def _check_clause(clause, where, allow_position):
             )
 
 
-def load_geneval_metadata(path):
-    """JSON lines with prompt/tag/include[/exclude]; returns (prompts, metadata)."""
+def object_names(names_file=""):
+    """GenEval's object names, or those of a `rewards.geneval_object_names` file (one per line)."""
+    if not names_file:
+        return frozenset(OBJECT_NAMES)
+    return frozenset(load_text_prompts(names_file)[0])
+
+
+def load_geneval_metadata(path, names=frozenset(OBJECT_NAMES)):
+    """JSON lines with prompt/tag/include[/exclude]; returns (prompts, metadata).
+    Classes must be in `names`, colours in GenEval's COLORS."""
     prompts, metadata = [], []
     for line_number, line in enumerate(_read_lines(path), start=1):
         where = f"{path}:{line_number}"
@@ -106,26 +129,26 @@ def load_geneval_metadata(path):
         if not isinstance(row["include"], list) or not row["include"]:
             raise PromptFileError(f"{where}: 'include' must be a non-empty list")
         for index, clause in enumerate(row["include"]):
-            _check_clause(clause, where, allow_position=True)
+            _check_clause(clause, where, allow_position=True, object_names=names)
             if "position" in clause and not 0 <= clause["position"][1] < index:
                 raise PromptFileError(f"{where}: position refers to group {clause['position'][1]}, not an earlier clause")
         exclude = row.get("exclude", [])
         if not isinstance(exclude, list):
             raise PromptFileError(f"{where}: 'exclude' must be a list")
         for clause in exclude:
-            _check_clause(clause, where, allow_position=False)
+            _check_clause(clause, where, allow_position=False, object_names=names)
         prompts.append(row["prompt"])
         metadata.append(row)
     return prompts, metadata
 
 
-def load_prompts(dataset, prompt_fn, split, require_quoted_text=False):
+def load_prompts(dataset, prompt_fn, split, require_quoted_text=False, object_names_file=""):
     """(prompts, metadata) of `split` in `dataset` for the `prompt_fn` format."""
     path = prompt_file(dataset, prompt_fn, split)
     if prompt_fn == "general_ocr":
         return load_text_prompts(path, require_quoted_text)
     if prompt_fn == "geneval":
-        return load_geneval_metadata(path)
+        return load_geneval_metadata(path, object_names(object_names_file))
     raise ValueError(f"prompt_fn={prompt_fn!r} is not one of ['general_ocr', 'geneval']")
 
 

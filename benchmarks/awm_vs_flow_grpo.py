@@ -24,6 +24,7 @@ the median over seeds where AWM reaches it).
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -47,6 +48,7 @@ def run_pair(seed, epochs, out_dir, model_dir, extra):
             f"--config.pretrained.model={model_dir}", *extra,
         ]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
+        shutil.rmtree(save_dir, ignore_errors=True)  # a rerun starts afresh (the trainer refuses to mix runs)
         os.makedirs(save_dir, exist_ok=True)
         log = open(os.path.join(save_dir, "train.log"), "w")
         processes[algorithm] = (subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT), save_dir)

@@ -26,6 +26,14 @@ def tiny_sd3_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_flux_dir(tmp_path_factory):
+    """Directory of a tiny random FLUX.1-dev-shaped FluxPipeline (seed 0), built once."""
+    from advantage_weighted_matching.tiny_flux import build_tiny_flux
+
+    return Path(build_tiny_flux(tmp_path_factory.mktemp("tiny_flux") / "pipeline", seed=0))
+
+
+@pytest.fixture(scope="session")
 def tiny_pipeline(tiny_sd3_dir):
     """The tiny pipeline loaded through the ordinary `from_pretrained` path (float32, CPU)."""
     from diffusers import StableDiffusion3Pipeline

@@ -1,7 +1,8 @@
 """Bad input through the real training entry point: rejected before any model
 loads (a spy on `from_pretrained` stays empty), with the offending key, file
-or line in the message; non-finite losses are skipped, then abort with a
-checkpoint."""
+or line in the message (prompt files that are not UTF-8, GenEval colours and
+classes the reward does not know); non-finite losses are skipped, then abort
+with a checkpoint."""
 
 import math
 
@@ -68,6 +69,39 @@ def test_bad_dataset_files_rejected_before_models_load(tmp_path, tiny_sd3_dir, p
         (dataset / name).write_text(text)
     with pytest.raises(PromptFileError, match=expected):
         run_training(tmp_path / "run", tiny_sd3_dir, f"--config.dataset={dataset}")
+    assert pipeline_spy == []
+
+
+GENEVAL_ROW = {"tag": "colors", "include": [{"class": "cat", "count": 1, "color": "red"}], "prompt": "a red cat"}
+
+
+@pytest.mark.parametrize(
+    "prompt_fn, files, expected",
+    [
+        ("general_ocr", {"train.txt": b"a cat\na dog\na caf\xe9 sign\n", "test.txt": b"a cat\n"},
+         "train.txt:3: not UTF-8 (byte 0xe9 at column 6)"),
+        ("geneval", {"train_metadata.jsonl": [GENEVAL_ROW, dict(GENEVAL_ROW, include=[
+            {"class": "cat", "count": 1, "color": "teal"}])], "test_metadata.jsonl": [GENEVAL_ROW]},
+         "train_metadata.jsonl:2: 'color' must be one of"),
+        ("geneval", {"train_metadata.jsonl": [GENEVAL_ROW], "test_metadata.jsonl": [GENEVAL_ROW, dict(
+            GENEVAL_ROW, include=[{"class": "unicorn", "count": 1}])]},
+         "test_metadata.jsonl:2: unknown class 'unicorn'"),
+    ],
+    ids=["not-utf8", "geneval-colour", "geneval-class"],
+)
+def test_bad_prompt_contents_rejected_with_file_and_line(tmp_path, tiny_sd3_dir, pipeline_spy, prompt_fn, files,
+                                                         expected):
+    import json
+
+    dataset = tmp_path / "prompts"
+    dataset.mkdir()
+    for name, content in files.items():
+        data = content if isinstance(content, bytes) else "".join(json.dumps(row) + "\n" for row in content).encode()
+        (dataset / name).write_bytes(data)
+    with pytest.raises(PromptFileError) as error:
+        run_training(tmp_path / "run", tiny_sd3_dir, f"--config.dataset={dataset}", f"--config.prompt_fn={prompt_fn}",
+                     "--config.sample.num_image_per_prompt=4")
+    assert f"{dataset}/{expected}" in str(error.value)
     assert pipeline_spy == []
 
 

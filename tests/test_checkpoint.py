@@ -3,6 +3,7 @@
 import os
 import pickle
 import random
+import shutil
 
 import numpy as np
 import pytest
@@ -24,6 +25,7 @@ from advantage_weighted_matching.checkpoint import (
     temp_dir_for,
     write_json,
 )
+from advantage_weighted_matching.config import ConfigError
 
 
 def _save(root, epoch, limit=5, value=None):
@@ -219,3 +221,150 @@ def test_load_training_state_is_weights_only(tmp_path):
     torch.save({"payload": Arbitrary()}, bad / "training_state.pt")
     with pytest.raises(pickle.UnpicklingError, match="[Ww]eights only"):
         load_training_state(str(bad))
+
+
+# ---------------------------------------------------------------- checksums and resume selection (issue J.4)
+
+
+def _full(root, epoch):
+    """A checkpoint with every kind of file the trainer writes (tiny contents)."""
+    from safetensors.torch import save_file
+
+    os.makedirs(root, exist_ok=True)
+    temp = temp_dir_for(root, epoch)
+    os.makedirs(temp)
+    for name in ("lora", "kl_ema_lora"):
+        os.makedirs(os.path.join(temp, name))
+        save_file({"w": torch.arange(64, dtype=torch.float32) + epoch},
+                  os.path.join(temp, name, "pytorch_lora_weights.safetensors"), metadata={"format": "pt"})
+    torch.save({"epoch": epoch, "global_step": epoch}, os.path.join(temp, "training_state.pt"))
+    write_json(os.path.join(temp, "rng_state_0.json"), {"torch": [1, 2, 3]})
+    write_json(os.path.join(temp, "config.json"), {"seed": 42})
+    return finalize(temp, root, epoch, limit=5)
+
+
+LORA = os.path.join("lora", "pytorch_lora_weights.safetensors")
+CORRUPTIONS = {
+    "truncated_lora": (lambda p: _rewrite(p, LORA, lambda b: b[: len(b) // 2]), "truncated"),
+    "bit_flip_in_tensor_data": (lambda p: _rewrite(p, LORA, lambda b: b[:-1] + bytes([b[-1] ^ 1])), "sha256 differs"),
+    "config_json": (lambda p: _rewrite(p, "config.json", lambda b: b.replace(b"42", b"43")), "sha256 differs"),
+    "training_state": (lambda p: _rewrite(p, "training_state.pt", lambda b: b[:100]), "truncated"),
+    "rng_file": (lambda p: _rewrite(p, "rng_state_0.json", lambda b: b"{oops"), ""),
+    "missing_adapter_dir": (lambda p: shutil.rmtree(os.path.join(p, "kl_ema_lora")), "missing (listed in"),
+    "manifest": (lambda p: _rewrite(p, "checksums.json", lambda b: b"[]"), "unreadable checksum manifest"),
+}
+
+
+def _rewrite(checkpoint, relative, change):
+    path = os.path.join(checkpoint, relative)
+    with open(path, "rb") as f:
+        data = f.read()
+    with open(path, "wb") as f:
+        f.write(change(data))
+    return os.path.join(checkpoint, relative)
+
+
+def test_manifest_lists_every_file_with_size_and_sha256(tmp_path):
+    import hashlib
+
+    path = _full(str(tmp_path / "checkpoints"), 1)
+    files = read_json(os.path.join(path, ckpt.MANIFEST))["files"]
+    assert sorted(files) == sorted(["config.json", "kl_ema_lora/pytorch_lora_weights.safetensors", LORA,
+                                    "rng_state_0.json", "training_state.pt"])
+    with open(os.path.join(path, LORA), "rb") as f:
+        data = f.read()
+    assert files[LORA] == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    assert ckpt.verify_checkpoint(path, required=[LORA, "training_state.pt"]) == path
+
+
+@pytest.mark.parametrize("corruption", sorted(CORRUPTIONS))
+def test_verify_names_the_corrupt_file(tmp_path, corruption):
+    path = _full(str(tmp_path / "checkpoints"), 1)
+    corrupt, reason = CORRUPTIONS[corruption]
+    corrupt(path)
+    with pytest.raises(ckpt.CheckpointError) as error:
+        ckpt.verify_checkpoint(path)
+    message = str(error.value)
+    assert message.startswith(path + os.sep) and reason in message, message
+
+
+def test_required_file_missing_is_named(tmp_path):
+    path = _full(str(tmp_path / "checkpoints"), 1)
+    with pytest.raises(ckpt.CheckpointError, match="rng_state_1.json: missing"):
+        ckpt.verify_checkpoint(path, required=["rng_state_0.json", "rng_state_1.json"])
+
+
+def test_checkpoint_without_manifest_is_parsed_instead(tmp_path):
+    """Written before checksums existed: still loadable, and a corrupt file still fails by name."""
+    path = _full(str(tmp_path / "checkpoints"), 1)
+    os.remove(os.path.join(path, ckpt.MANIFEST))
+    assert ckpt.verify_checkpoint(path) == path
+    _rewrite(path, "kl_ema_lora/pytorch_lora_weights.safetensors", lambda b: b[:20])
+    with pytest.raises(ckpt.CheckpointError, match=r"kl_ema_lora/pytorch_lora_weights.safetensors: unreadable"):
+        ckpt.verify_checkpoint(path)
+
+
+def test_select_skips_corrupt_newest_and_reports_it(tmp_path):
+    root = str(tmp_path / "run" / "checkpoints")
+    good, newest = _full(root, 1), _full(root, 2)
+    CORRUPTIONS["bit_flip_in_tensor_data"][0](newest)
+    warnings = []
+    assert ckpt.select_resume_checkpoint(str(tmp_path / "run"), 1, warn=warnings.append) == good
+    assert warnings == [f"resume: skipping checkpoint checkpoint-000002: {os.path.join(newest, LORA)}: "
+                        f"sha256 differs from the one saved (corrupt)"]
+    with pytest.raises(ckpt.CheckpointError, match="sha256 differs"):  # named explicitly: no fallback
+        ckpt.select_resume_checkpoint(newest, 1)
+    CORRUPTIONS["truncated_lora"][0](good)
+    with pytest.raises(ckpt.CheckpointError, match="no checkpoint verifies") as error:
+        ckpt.select_resume_checkpoint(str(tmp_path / "run"), 1, warn=warnings.append)
+    assert str(error.value).count("\n  ") == 2  # one reason per checkpoint
+
+
+def test_resume_candidates_errors(tmp_path):
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "run" / "checkpoints" / "checkpoint-000003").mkdir(parents=True)
+    for path, message in ((tmp_path / "nope", "does not exist"), (tmp_path / "file", "is a file"),
+                          (tmp_path / "empty", "holds no complete checkpoint"),
+                          (tmp_path / "run", "holds no complete checkpoint"),
+                          (tmp_path / "run" / "checkpoints" / "checkpoint-000003", "incomplete checkpoint")):
+        with pytest.raises(ckpt.CheckpointError, match=message):
+            ckpt.resume_candidates(str(path))
+
+
+def test_run_dir_of():
+    assert ckpt.run_dir_of("/r/run/checkpoints/checkpoint-000004") == "/r/run"
+    assert ckpt.run_dir_of("/r/run/checkpoints") == "/r/run"
+    assert ckpt.run_dir_of("/r/run") == "/r/run"
+
+
+# ---------------------------------------------------------------- resume config (issue J.10)
+
+
+def test_check_resume_config():
+    saved = {"seed": 42, "num_epochs": 10, "train.beta": 0.1, "train.ema_beta": 0.0, "train.off_policy": False,
+             "resolution": 32, "only.in.old": 1}
+    same = {**saved, "num_epochs": 20, "resume_from": "x", "only.in.new": 2}
+    assert ckpt.check_resume_config(saved, same, False, "ckpt") == ["num_epochs: 10 -> 20"]
+    changed = {**same, "seed": 7, "train.beta": 0.2}
+    with pytest.raises(ConfigError) as error:
+        ckpt.check_resume_config(saved, changed, False, "ckpt")
+    assert "seed: checkpoint 42 != now 7" in str(error.value) and "train.beta" in str(error.value)
+    assert "num_epochs" not in str(error.value)
+    assert ckpt.check_resume_config(saved, changed, True, "ckpt") == [
+        "num_epochs: 10 -> 20", "seed: 42 -> 7", "train.beta: 0.1 -> 0.2"]
+    with pytest.raises(ConfigError, match="resolution"):  # shapes: refused even when changes are allowed
+        ckpt.check_resume_config(saved, {**same, "resolution": 64}, True, "ckpt")
+    with pytest.raises(ConfigError, match="no KL-EMA adapter"):
+        ckpt.check_resume_config(saved, {**same, "train.ema_beta": 1.0}, True, "ckpt")
+    assert ckpt.check_resume_config({**saved, "train.ema_beta": 1.0}, same, True, "ckpt") == [
+        "num_epochs: 10 -> 20", "train.ema_beta: 1.0 -> 0.0"]  # dropping the adapter is allowed
+
+
+def test_write_run_config_keeps_a_different_old_one(tmp_path):
+    assert ckpt.write_run_config(str(tmp_path), {"seed": 42}) is None
+    assert ckpt.write_run_config(str(tmp_path), {"seed": 42}) is None  # unchanged: nothing kept
+    kept = ckpt.write_run_config(str(tmp_path), {"seed": 7})
+    assert kept == str(tmp_path / "config.previous-1.json") and read_json(kept) == {"seed": 42}
+    assert ckpt.write_run_config(str(tmp_path), {"seed": 8}) == str(tmp_path / "config.previous-2.json")
+    assert read_json(str(tmp_path / "config.json")) == {"seed": 8}

@@ -97,10 +97,32 @@ def _set(config, dotted, value):
     setattr(node, leaf, value)
 
 
-def test_six_awm_presets_and_three_flow_grpo_presets():
-    assert sorted(dgx_awm.PRESETS) == sorted([*TABLE, *FLOW_GRPO])
+def test_six_awm_presets_three_flow_grpo_presets_three_flux_presets():
+    assert sorted(dgx_awm.PRESETS) == sorted([*TABLE, *FLOW_GRPO, *FLUX])
     assert dgx_awm.PRESET_NUM_PROCESSES == {**{name: row[0] for name, row in TABLE.items()},
-                                            **{name: 32 for name in FLOW_GRPO}}
+                                            **{name: 32 for name in FLOW_GRPO}, **{name: 8 for name in FLUX}}
+
+
+# FLUX.1-dev presets (issue K): the SD3.5 1node preset of the same reward, with these keys changed.
+FLUX = {"geneval_flux_1node": "geneval_sd3_no_cfg_1node", "ocr_flux_1node": "ocr_sd3_no_cfg_1node",
+        "pickscore_flux_1node": "pickscore_sd3_no_cfg_1node"}
+FLUX_CHANGES = {
+    "pretrained.model": "black-forest-labs/FLUX.1-dev", "pretrained.backbone": "flux", "mixed_precision": "bf16",
+    "max_sequence_length": 512, "sample.guidance_scale": 3.5, "sample.eval_num_steps": 28,
+    "train.gradient_checkpointing": True,
+}
+
+
+@pytest.mark.parametrize("name", sorted(FLUX))
+def test_flux_presets_are_the_sd3_presets_on_flux(name):
+    from advantage_weighted_matching.checkpoint import flatten_config
+
+    flux = flatten_config(dgx_awm.get_config(name).to_dict())
+    sd3 = flatten_config(dgx_awm.get_config(FLUX[name]).to_dict())
+    changed = {key for key in flux if flux[key] != sd3[key]}
+    assert changed == set(FLUX_CHANGES) | {"run_name"}
+    assert {key: flux[key] for key in FLUX_CHANGES} == FLUX_CHANGES
+    assert validate(dgx_awm.get_config(name), 8)["optimizer_steps_per_epoch"] == 1
 
 
 # SPEC 7: Flow-GRPO's published SD3.5 values (its config/grpo.py); name: (dataset, prompt_fn, reward, beta,
@@ -585,6 +607,10 @@ INVALID = [
      ["train.use_sa_solver=False", "sample.sde_frac > 0"]),
     ("flow_grpo_no_kl_ema", _with(train__algorithm="flow_grpo", train__use_sa_solver=False, sample__sde_frac=1.0), 8,
      ["train.ema_beta=0"]),
+    ("flux_cfg", _with(pretrained__backbone="flux", train__algorithm="flow_grpo", train__use_sa_solver=False,
+                       sample__sde_frac=1.0, train__ema_beta=0.0, train__cfg=True, sample__guidance_scale=3.5), 8,
+     ["guidance-distilled"]),
+    ("backbone", _with(pretrained__backbone="sdxl"), 8, ["pretrained.backbone", "'sdxl'"]),
     ("flow_grpo_no_step", _with(train__algorithm="flow_grpo", train__use_sa_solver=False, sample__sde_frac=0.05,
                                 train__ema_beta=0.0), 8, ["no step to train", "min(0.05, 0.9)"]),
     ("flow_grpo_cfg_without_guidance", _with(train__algorithm="flow_grpo", train__use_sa_solver=False,

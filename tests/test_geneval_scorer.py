@@ -286,7 +286,8 @@ def test_remote_outage_costs_the_batch_not_the_run(monkeypatch):
     server = serve_geneval(broken_score_fn, host="127.0.0.1", port=0)
     try:
         url = f"http://127.0.0.1:{server.server_address[1]}/"
-        fn = multi_score("cpu", {"geneval": 1.0, "jpeg_compressibility": 0.5}, {"remote_geneval_url": url})
+        fn = multi_score("cpu", {"geneval": 1.0, "jpeg_compressibility": 0.5},
+                         {"remote_geneval_url": url, "remote_geneval_retries": 0})  # retries: test_reward_failures
         result, info = fn(torch.zeros(2, 3, 8, 8), ["a", "b"], METADATA[:2], only_strict=False)
     finally:
         server.shutdown()

@@ -20,6 +20,7 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 COMMON = Path("advantage_weighted_matching/scripts/launch_common.sh")
+PRESETS = Path("advantage_weighted_matching/config/dgx_awm.py")
 REWARDS = ("geneval", "ocr", "pickscore")
 SKIP_DIRS = {"logs", "build", "node_modules", "__pycache__", "wandb"}
 
@@ -44,10 +45,11 @@ def record(extra):
 
 def on_signal(signum, frame):
     record({{"signal": signal.Signals(signum).name}})
-    sys.exit(128 + signum)
+    sys.exit(int(os.environ.get("FAKE_SIGNAL_EXIT", 128 + signum)))
 
 signal.signal(signal.SIGTERM, on_signal)
 signal.signal(signal.SIGINT, on_signal)
+signal.signal(signal.SIGHUP, on_signal)
 record({{}})
 print("fake accelerate stdout", flush=True)
 print("fake accelerate stderr", file=sys.stderr, flush=True)
@@ -81,7 +83,7 @@ def find_shellcheck():
 
 def test_expected_launchers_exist():
     for reward in REWARDS:
-        for name in ("train_single_node.sh", "train_multi_nodes.sh"):
+        for name in ("train_single_node.sh", "train_multi_nodes.sh", "train_flux_single_node.sh"):
             script = REPO_ROOT / f"train_awm_scripts_{reward}" / name
             assert script.is_file(), script
             assert os.access(script, os.X_OK), f"{script} is not executable"
@@ -120,6 +122,8 @@ class Sandbox:
             shutil.copytree(REPO_ROOT / f"train_awm_scripts_{reward}", self.repo / f"train_awm_scripts_{reward}")
         (self.repo / COMMON).parent.mkdir(parents=True)
         shutil.copy2(REPO_ROOT / COMMON, self.repo / COMMON)
+        (self.repo / PRESETS).parent.mkdir(parents=True)  # the launchers' config check reads the presets
+        shutil.copy2(REPO_ROOT / PRESETS, self.repo / PRESETS)
         self.bin.mkdir()
         fake = self.bin / "accelerate"
         fake.write_text(FAKE_ACCELERATE.format(python=sys.executable))
@@ -132,8 +136,9 @@ class Sandbox:
             tool.chmod(0o755)
 
     def env(self, **extra):
-        env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_ENV}
-        env["PATH"] = f"{self.bin}{os.pathsep}{env.get('PATH', '')}"
+        env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_ENV and k != "HF_HUB_OFFLINE"}
+        env["PATH"] = f"{self.bin}{os.pathsep}{os.path.dirname(sys.executable)}{os.pathsep}{env.get('PATH', '')}"
+        env["PYTHONPATH"] = str(REPO_ROOT)  # the config check imports this checkout's package
         env["FAKE_RECORD"] = str(self.record_file)
         env["FAKE_LOGINS"] = str(self.logins_file)
         env.update({k: str(v) for k, v in extra.items()})
@@ -247,7 +252,7 @@ def test_multi_node_refuses_without_rendezvous_env(sandbox, missing):
 
 
 def test_multi_node_passes_rendezvous(sandbox):
-    result = sandbox.run("geneval", "--config.x=y", multi=True, **MULTI_ENV)
+    result = sandbox.run("geneval", "--config.train.beta=0.002", multi=True, **MULTI_ENV)
     assert result.returncode == 0, result.stdout + result.stderr
     argv = sandbox.call()["argv"]
     assert option(argv, "--config_file") == "advantage_weighted_matching/accelerate_configs/multi_node.yaml"
@@ -257,7 +262,7 @@ def test_multi_node_passes_rendezvous(sandbox):
     assert option(argv, "--num_machines") == "4"
     assert option(argv, "--num_processes") == "32"
     assert option(argv, "--config").endswith(":geneval_sd3_no_cfg_4nodes")
-    assert argv[-1] == "--config.x=y"
+    assert argv[-1] == "--config.train.beta=0.002"
     run_dir = sandbox.run_dirs()[0]
     assert run_dir.name.startswith("geneval_sd3_no_cfg_4nodes_")
     assert (run_dir / "train_node2.log").exists()
@@ -307,3 +312,164 @@ def test_signal_is_forwarded(sandbox, sig):
             proc.communicate()
     assert sandbox.call().get("signal") == sig.name, output
     assert proc.returncode == 128 + sig
+
+
+def start_launcher(sandbox, **env):
+    """The launcher in a session (and process group) of its own, as a shell would start it."""
+    proc = subprocess.Popen(["bash", sandbox.script("geneval")], cwd=sandbox.bin, env=sandbox.env(**env),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.monotonic() + 20
+    while not sandbox.record_file.exists():
+        assert proc.poll() is None, "launcher ended early: " + proc.communicate()[0]
+        assert time.monotonic() < deadline, "fake accelerate never started"
+        time.sleep(0.05)
+    return proc
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT])
+def test_signal_to_the_launchers_group_reaches_training(sandbox, sig):
+    """`kill -TERM -- -<pgid>` (or a closed terminal's HUP) hits the launcher and its log
+    viewer at once: the signal must still reach accelerate, and the launcher must report the
+    stop (128 + signal) even though accelerate itself ends with status 1, as torch's agent does."""
+    proc = start_launcher(sandbox, FAKE_SLEEP=30, FAKE_SIGNAL_EXIT=1)
+    try:
+        os.killpg(proc.pid, sig)
+        output, _ = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert sandbox.call().get("signal") == sig.name, output
+    assert proc.returncode == 128 + sig, output
+    log = (sandbox.run_dirs()[0] / "train.log").read_text()
+    assert f"stopped by {sig.name} (accelerate exit status 1)" in log
+    assert f"resume with --config.resume_from={sandbox.run_dirs()[0]}" in log
+    assert "training failed" not in log
+    assert "fake accelerate stdout" in output  # the console view still showed training's output
+
+
+def test_sigkilled_launcher_takes_accelerate_with_it(sandbox):
+    """SIGKILL cannot be trapped: accelerate runs with PDEATHSIG=TERM, so it is told to stop
+    (and torch's agent passes that on to the ranks) instead of training on under PID 1."""
+    proc = start_launcher(sandbox, FAKE_SLEEP=30)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=20)
+    deadline = time.monotonic() + 20
+    while sandbox.call().get("signal") is None:
+        assert time.monotonic() < deadline, "accelerate was not told to stop when its launcher died"
+        time.sleep(0.05)
+    assert sandbox.call()["signal"] == "SIGTERM"
+
+
+def test_dry_run_prints_the_plan_once_and_starts_nothing(sandbox):
+    result = sandbox.run("geneval", "--dry_run")
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) == 2, result.stdout  # the plan, then the same as JSON
+    assert lines[0].startswith("batch plan (8 processes): 1728 images/epoch")
+    assert json.loads(lines[1])["num_processes"] == 8
+    assert not sandbox.record_file.exists(), "accelerate must not be started"
+    assert sandbox.run_dirs() == [] and not (sandbox.repo / "logs").exists()
+    assert "training finished" not in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("value, needle", [
+    ("0", "NUM_PROCESSES must be a positive integer, got '0'"),
+    ("eight", "NUM_PROCESSES must be a positive integer"),
+    ("3", "sample.num_image_per_prompt"),  # 3 x 6 images: not whole groups of 24
+])
+def test_bad_process_count_is_one_message_before_any_rank(sandbox, value, needle):
+    result = sandbox.run("geneval", NUM_PROCESSES=value)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert needle in result.stderr
+    assert result.stderr.count(needle) == 1 and "Traceback" not in result.stderr
+    assert not sandbox.record_file.exists(), "accelerate must not be started"
+    assert sandbox.run_dirs() == []
+
+
+def test_config_typo_is_one_message_before_any_rank(sandbox):
+    result = sandbox.run("ocr", "--config.train.betta=1")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "preflight: invalid override --config.train.betta=1: the config has no key 'betta' "
+        '(Did you mean "beta" instead of "betta"?)']
+    assert not sandbox.record_file.exists() and sandbox.run_dirs() == []
+
+
+# ---------------------------------------------------------------- the real chain
+
+TINY_PRESETS_SHIM = '''"""Test shim: every launcher preset is the tiny CPU preset."""
+from advantage_weighted_matching.config.tiny_awm import get_config as _tiny
+
+
+def get_config(name):
+    del name
+    return _tiny("tiny_cpu")
+'''
+
+
+def processes_mentioning(text):
+    """pids of this machine's processes whose command line contains `text`."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != os.getpid():
+            try:
+                command = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if text in command:
+                found.append((int(entry), command))
+    return found
+
+
+def test_ranks_save_and_exit_when_launcher_and_agent_are_sigkilled(tmp_path, tiny_sd3_dir):
+    """The launcher with the real `accelerate launch` (2 gloo ranks of the tiny preset): SIGKILL
+    the launcher's group and accelerate's group at once. The ranks run in sessions of their own;
+    each asked for SIGTERM when its parent dies, so both save a checkpoint and exit, and
+    nothing of the run is left running."""
+    import socket
+
+    sandbox = Sandbox(tmp_path)
+    (sandbox.bin / "accelerate").unlink()  # the real one, from the virtual environment
+    for path in (Path("advantage_weighted_matching/scripts/train_sd3_awm.py"),
+                 Path("advantage_weighted_matching/accelerate_configs/multi_gpu.yaml")):
+        (sandbox.repo / path).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO_ROOT / path, sandbox.repo / path)
+    (sandbox.repo / PRESETS).write_text(TINY_PRESETS_SHIM)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    run_dir = tmp_path / "run"
+    env = sandbox.env(NUM_PROCESSES=2, MAIN_PROCESS_PORT=port, AWM_RUN_DIR=run_dir, CUDA_VISIBLE_DEVICES="",
+                      OMP_NUM_THREADS=1, WANDB_MODE="offline")
+    for key in ("WORLD_SIZE", "LOCAL_RANK"):
+        env.pop(key, None)
+    proc = subprocess.Popen(
+        ["bash", sandbox.script("geneval"), f"--config.pretrained.model={tiny_sd3_dir}", "--config.num_epochs=100",
+         "--config.save_freq=1", "--config.eval_freq=0", "--config.log_image_freq=0"],
+        cwd=sandbox.bin, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    first = run_dir / "checkpoints" / "checkpoint-000001" / "COMPLETE"
+    try:
+        deadline = time.monotonic() + 180
+        while not first.exists():
+            assert proc.poll() is None, (run_dir / "train.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "no first checkpoint in time"
+            time.sleep(0.2)
+        running = processes_mentioning(str(run_dir))
+        agents = [pid for pid, command in running if "accelerate" in command and "launch" in command]
+        assert len(agents) == 1 and len(running) >= 3, running  # accelerate and its 2 ranks
+        os.killpg(proc.pid, signal.SIGKILL)
+        os.killpg(os.getpgid(agents[0]), signal.SIGKILL)
+        proc.wait(timeout=20)
+        deadline = time.monotonic() + 120
+        while processes_mentioning(str(run_dir)):
+            assert time.monotonic() < deadline, f"left running: {processes_mentioning(str(run_dir))}"
+            time.sleep(0.2)
+    finally:
+        for pid, _ in processes_mentioning(str(run_dir)):
+            os.kill(pid, signal.SIGKILL)
+    log = (run_dir / "train.log").read_text()
+    assert "SIGTERM received: checkpoint saved, exiting with 143" in log, log[-3000:]
+    checkpoints = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert not [name for name in checkpoints if name.startswith(".tmp")], checkpoints
+    assert all((run_dir / "checkpoints" / name / "COMPLETE").exists() for name in checkpoints)

@@ -154,6 +154,9 @@ def _bad_geneval_cases():
         "clause_zero_count": (dict(GOOD, include=[{"class": "cat", "count": 0}]), "'count' >= 1"),
         "clause_bool_count": (dict(GOOD, include=[{"class": "cat", "count": True}]), "'count' >= 1"),
         "color_not_string": (dict(GOOD, include=[{"class": "cat", "count": 1, "color": 3}]), "'color'"),
+        "unknown_color": (dict(GOOD, include=[{"class": "cat", "count": 1, "color": "teal"}]), "'teal'"),
+        "unknown_class": (dict(GOOD, include=[{"class": "unicorn", "count": 1}]), "unknown class 'unicorn'"),
+        "unknown_exclude_class": (dict(GOOD, exclude=[{"class": "cats", "count": 2}]), "unknown class 'cats'"),
         "bad_relation": (dict(position_ok, include=[position_ok["include"][0],
                                                     dict(position_ok["include"][1], position=["near", 0])]),
                          "'position' must be [relation, group_index]"),
@@ -188,6 +191,30 @@ def test_geneval_valid_position_and_exclude(tmp_path):
     prompts, metadata = load_geneval_metadata(_jsonl(tmp_path, [GOOD, row]))
     assert prompts == ["a photo of a cat", "a dog above a cat"]
     assert metadata[1] == row
+
+
+def test_geneval_classes_from_an_object_names_file(tmp_path):
+    names = tmp_path / "object_names.txt"
+    names.write_text("unicorn\ncat\n", encoding="utf-8")
+    row = dict(GOOD, include=[{"class": "unicorn", "count": 1}])
+    path = _jsonl(tmp_path, [GOOD, row])
+    with pytest.raises(PromptFileError, match=":2: unknown class 'unicorn'"):
+        load_prompts(str(tmp_path), "geneval", "test")
+    assert load_prompts(str(tmp_path), "geneval", "test", object_names_file=str(names))[0] == [
+        GOOD["prompt"], row["prompt"]]
+    assert path.endswith("test_metadata.jsonl")
+
+
+@pytest.mark.parametrize("name", ["train.txt", "train_metadata.jsonl"])
+def test_non_utf8_file_names_file_line_and_byte(tmp_path, name):
+    path = tmp_path / name
+    good = json.dumps(GOOD).encode() if name.endswith(".jsonl") else b"a photo of a cat"
+    path.write_bytes(good + b"\n" + good + b"\n" + good.replace(b"photo", b"ph\xe9to") + b"\n")  # Latin-1 e-acute
+    fmt = "geneval" if name.endswith(".jsonl") else "general_ocr"
+    with pytest.raises(PromptFileError) as info:
+        load_prompts(str(tmp_path), fmt, "train")
+    message = str(info.value)
+    assert f"{path}:3: not UTF-8 (byte 0xe9 at column" in message, message
 
 
 def test_empty_file(tmp_path):

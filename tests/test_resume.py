@@ -78,6 +78,8 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, tiny_sd3_dir, r
     resumed = start_training(save_dir, tiny_sd3_dir, f"--config.resume_from={save_dir}")
     assert resumed.wait(timeout=180) == 0
     assert_same_run(reference_run, save_dir)
+    with open(f"{save_dir}.log") as f:  # the killed run's lock died with it: taken over, and said so
+        assert f"taking over from pid {process.pid}" in f.read()
 
 
 def test_sigterm_saves_then_exits_and_resumes_exactly(tmp_path, tiny_sd3_dir, reference_run):

@@ -5,6 +5,7 @@ it trained (a spy on `from_pretrained`, not a fake: the real loader runs).
 """
 
 import os
+import signal
 import sys
 
 import pytest
@@ -12,13 +13,29 @@ import torch
 from accelerate.state import AcceleratorState, GradientState
 
 from advantage_weighted_matching.checkpoint import read_metrics
+from advantage_weighted_matching.runlock import release_all
 from advantage_weighted_matching.scripts import train_sd3_awm as train
+from advantage_weighted_matching.stopping import STOP_SIGNALS
 
 TINY_PRESET = os.path.join(os.path.dirname(train.__file__), "..", "config", "tiny_awm.py")
 
 
 def run_training(save_dir, model_dir, *overrides, preset="tiny_cpu"):
     """Run the training script's main in-process; returns the metrics records."""
+    _run_in_process(train.main, save_dir, model_dir, *overrides, preset=preset)
+    return read_metrics(save_dir)
+
+
+def run_cli(save_dir, model_dir, *overrides, preset="tiny_cpu"):
+    """The command-line entry (`cli_main`: one message, exit status) in-process; returns the status."""
+    try:
+        _run_in_process(train.cli_main, save_dir, model_dir, *overrides, preset=preset)
+    except SystemExit as exit_:
+        return exit_.code
+    return 0
+
+
+def _run_in_process(entry, save_dir, model_dir, *overrides, preset):
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
     argv = [
@@ -26,15 +43,18 @@ def run_training(save_dir, model_dir, *overrides, preset="tiny_cpu"):
         f"--config.pretrained.model={model_dir}", *overrides,
     ]
     saved_argv, sys.argv = sys.argv, argv  # config_flags finds its override flags in sys.argv
+    handlers = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
     try:
         train.FLAGS.unparse_flags()
         for name in [n for n in train.FLAGS if n.startswith("config.")]:
             delattr(train.FLAGS, name)  # config_flags re-registers the override flags on every parse
         train.FLAGS(argv)
-        train.main(None)
-    finally:
+        entry(None)
+    finally:  # what the process's end would do: the run dir's lock, pytest's own signal handlers
         sys.argv = saved_argv
-    return read_metrics(save_dir)
+        release_all()
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
 
 
 @pytest.fixture

@@ -49,16 +49,16 @@ def off_policy_run(tmp_path_factory, tiny_sd3_dir):
     def spy(pipeline, transformer, embeds, pooled, sigmas, resolution, generator, **kwargs):
         state = generator.get_state()
         result = original(pipeline, transformer, embeds, pooled, sigmas, resolution, generator, **kwargs)
-        if True:  # one rollout batch per epoch (num_batches_per_epoch=1): record every call
-            rerun = {}
-            for adapter in ("ema", "default"):
-                _set_peft_adapter(transformer, adapter)
-                again = torch.Generator(generator.device).set_state(state)
-                rerun[adapter] = original(pipeline, transformer, embeds, pooled, sigmas, resolution, again,
-                                          **kwargs).latents[-1]
-            _set_peft_adapter(transformer, "default")  # the trainer's state: default active and trainable
-            records.append({"embeds": embeds, "latents": result.latents[-1], "rerun": rerun,
-                            "ema": _lora_params(transformer, "ema"), "default": _lora_params(transformer, "default")})
+        # one rollout batch per epoch (num_batches_per_epoch=1): every call is an epoch's first
+        rerun = {}
+        for adapter in ("ema", "default"):
+            _set_peft_adapter(transformer, adapter)
+            again = torch.Generator(generator.device).set_state(state)
+            rerun[adapter] = original(pipeline, transformer, embeds, pooled, sigmas, resolution, again,
+                                      **kwargs).latents[-1]
+        _set_peft_adapter(transformer, "default")  # the trainer's state: default active and trainable
+        records.append({"embeds": embeds, "latents": result.latents[-1], "rerun": rerun,
+                        "ema": _lora_params(transformer, "ema"), "default": _lora_params(transformer, "default")})
         return result
 
     patch.setattr(train, "rollout", spy)

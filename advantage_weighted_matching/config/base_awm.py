@@ -52,10 +52,11 @@ def get_config():
     config.num_checkpoint_limit = 5  # checkpoints kept in {save_dir}/checkpoints
     config.mixed_precision = "fp16"  # "no" | "fp16" | "bf16" (accelerate)
     config.allow_tf32 = True  # TF32 matmuls on Ampere+ GPUs
-    config.resume_from = ""  # checkpoint dir or run dir (latest checkpoint)
+    config.resume_from = ""  # checkpoint dir or run dir (newest checkpoint that verifies)
+    config.resume_allow_changes = False  # resume although reward/seed/dataset/... differ (logged; old config kept)
     config.use_lora = True  # train a LoRA adapter (full fine-tuning unsupported)
     config.resolution = 768  # image side in pixels
-    config.max_sequence_length = 128  # T5 tokens for the SD3 text encoder
+    config.max_sequence_length = 128  # T5 tokens of the text encoder (SD3 presets 128, FLUX 512)
     config.max_nonfinite_steps = 3  # non-finite losses in a row before abort
     config.dataset = ""  # prompt directory ({split}.txt or {split}_metadata.jsonl)
     config.prompt_fn = "general_ocr"  # "general_ocr" | "geneval" (file format)
@@ -69,6 +70,7 @@ def get_config():
     # ---- model ----
     config.pretrained = pretrained = ml_collections.ConfigDict()
     pretrained.model = "stabilityai/stable-diffusion-3.5-medium"  # hub id or local dir
+    pretrained.backbone = "sd3"  # model family: "sd3" (StableDiffusion3Pipeline) | "flux" (FluxPipeline)
     pretrained.revision = "main"  # hub revision
     pretrained.tiny_seed = -1  # >= 0: build a tiny random SD3 at `model` if missing
 
@@ -126,6 +128,7 @@ def get_config():
     train.off_policy = False  # sample with the `ema` adapter, old log-probs from it
     train.use_sa_solver = False  # SA-Solver rollout (else SDE)
     train.decay_steps = 1e10  # cosine LR decay length in optimizer steps
+    train.gradient_checkpointing = False  # recompute transformer activations in backward (less memory, ~+25% time)
 
     # ---- rewards ----
     config.rewards = rewards = ml_collections.ConfigDict()
@@ -138,6 +141,10 @@ def get_config():
     rewards.geneval_clip = "openai/clip-vit-large-patch14"  # colour classifier
     rewards.geneval_object_names = ""  # class-name list ("" = detector's id2label)
     rewards.remote_geneval_url = ""  # optional JSON-over-HTTP GenEval scorer
+    rewards.remote_geneval_timeout_s = 600.0  # seconds per remote scoring call, retries included
+    rewards.remote_geneval_retries = 3  # retries after a connection error, timeout or HTTP 5xx (backoff 1, 2, 4 s)
+    rewards.max_failure_fraction = 0.5  # fraction (0-1] of an epoch's reward calls failing that marks a failed epoch
+    rewards.max_failed_epochs = 3  # failed epochs in a row before the run saves a checkpoint and stops
     rewards.aesthetic_clip = "openai/clip-vit-large-patch14"  # aesthetic: CLIP ViT-L/14 model + processor
     rewards.aesthetic_head = AESTHETIC_HEAD_URL  # aesthetic: LAION MLP head .pth, local path or URL (cached)
     rewards.imagereward_model = "THUDM/ImageReward"  # ImageReward.pt + med_config.json: hub repo or local dir

@@ -1,5 +1,5 @@
-"""The six SD3.5-Medium AWM presets of SPEC section 1 and the three Flow-GRPO
-baseline presets of SPEC section 7.
+"""The six SD3.5-Medium AWM presets of SPEC section 1, the three Flow-GRPO
+baseline presets of SPEC section 7, and three AWM presets for FLUX.1-dev.
 
 Select with ``--config advantage_weighted_matching/config/dgx_awm.py:PRESET``.
 Each preset is a plain function over ``base_awm.get_config()``; the process
@@ -110,6 +110,34 @@ def _pickscore(num_gpus, suffix):
     return config
 
 
+def _flux(reward, num_gpus=8):
+    """AWM on FLUX.1-dev, 8 GPUs. The reference release has no FLUX settings; each choice and its
+    reason is listed in the README ("FLUX.1-dev presets"). Everything not set here is the SD3.5
+    preset's value for the same reward (the method's settings), so the two backbones compare."""
+    config = {"geneval": _geneval, "ocr": _ocr, "pickscore": _pickscore}[reward](num_gpus, "1node")
+    config.pretrained.model = "black-forest-labs/FLUX.1-dev"
+    config.pretrained.backbone = "flux"
+    config.mixed_precision = "bf16"  # FLUX.1 is a bf16 model; fp16 activations overflow in it
+    config.max_sequence_length = 512  # FLUX.1-dev's T5 length (its text tokens are never masked)
+    config.sample.guidance_scale = 3.5  # the distilled guidance value, a model input (no CFG pass)
+    config.sample.eval_num_steps = 28  # FluxPipeline's default step count
+    config.train.gradient_checkpointing = True  # 12B parameters: the micro-batch must fit one 80 GB GPU
+    config.run_name = f"{reward}_flux_1node"
+    return config
+
+
+def geneval_flux_1node():
+    return _flux("geneval")
+
+
+def ocr_flux_1node():
+    return _flux("ocr")
+
+
+def pickscore_flux_1node():
+    return _flux("pickscore")
+
+
 def _flow_grpo_sd3(dataset, prompt_fn, reward, beta, test_batch_size):
     """Flow-GRPO's published SD3.5-Medium settings (its config/grpo.py, SPEC 7), 32 GPUs: SDE
     rollouts of 10 steps at noise 0.7 with CFG 4.5 (also in training), 9 images per GPU and
@@ -211,6 +239,9 @@ PRESETS = {
         flow_grpo_geneval_sd3,
         flow_grpo_ocr_sd3,
         flow_grpo_pickscore_sd3,
+        geneval_flux_1node,
+        ocr_flux_1node,
+        pickscore_flux_1node,
     )
 }
 # The GPU count each preset's batch plan is sized for.

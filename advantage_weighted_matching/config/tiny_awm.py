@@ -91,6 +91,18 @@ def tiny_cpu_flow_grpo():
     return config
 
 
+def tiny_cpu_flux():
+    """The tiny preset on a tiny random FLUX.1-dev-shaped pipeline (packed latents, guidance
+    embedding, dynamic shift): the same AWM loop through the FLUX backbone."""
+    config = tiny_cpu()
+    config.run_name = "tiny_cpu_flux"
+    config.pretrained.model = os.path.join(cache_dir(), "tiny-flux-seed0")
+    config.pretrained.backbone = "flux"
+    config.sample.guidance_scale = 3.5  # FLUX.1-dev's distilled guidance, a model input
+    config.max_sequence_length = 32
+    return config
+
+
 def tiny_cpu_brightness():
     """The tiny preset rewarded by mean image brightness: a toy task whose reward
     spread lets a few CPU epochs show learning (tests/test_learning.py)."""
@@ -113,7 +125,7 @@ def tiny_cpu_brightness():
 
 PRESETS = {
     "tiny_cpu": tiny_cpu, "tiny_cpu_sde": tiny_cpu_sde, "tiny_cpu_flow_grpo": tiny_cpu_flow_grpo,
-    "tiny_cpu_brightness": tiny_cpu_brightness,
+    "tiny_cpu_brightness": tiny_cpu_brightness, "tiny_cpu_flux": tiny_cpu_flux,
 }
 
 

@@ -17,6 +17,7 @@ ENUMS = {
     "lora_type": ("attn", "ffn"),
     "train.lora_init": ("gaussian", "default", "true"),
     "train.algorithm": ("awm", "flow_grpo"),
+    "pretrained.backbone": ("sd3", "flux"),
     "prompt_fn": ("general_ocr", "geneval"),
     "mixed_precision": ("no", "fp16", "bf16"),
     "rewards.dtype": ("float32", "float16", "bfloat16"),
@@ -26,6 +27,7 @@ DISCRETE_TIME_TYPES = ("discrete", "discrete_wo_init", "discrete_with_init")
 
 # (key, predicate, requirement) for numeric ranges.
 RANGES = [
+    ("seed", lambda v: v >= 0 and v == int(v), "an integer >= 0"),
     ("num_epochs", lambda v: v >= 1, ">= 1"),
     ("save_freq", lambda v: v >= 0, ">= 0"),
     ("eval_freq", lambda v: v >= 0, ">= 0"),
@@ -70,6 +72,10 @@ RANGES = [
     ("train.kl_ema_decay", lambda v: 0 <= v <= 1, "in [0, 1]"),
     ("train.decay_steps", lambda v: v > 0, "> 0"),
     ("rewards.batch_size", lambda v: v >= 1, ">= 1"),
+    ("rewards.remote_geneval_timeout_s", lambda v: v > 0, "> 0"),
+    ("rewards.remote_geneval_retries", lambda v: v >= 0, ">= 0"),
+    ("rewards.max_failure_fraction", lambda v: 0 < v <= 1, "in (0, 1]"),
+    ("rewards.max_failed_epochs", lambda v: v >= 1, ">= 1"),
     ("rewards.qwenvl_max_new_tokens", lambda v: v >= 1, ">= 1"),
     ("rewards.remote_timeout_s", lambda v: v > 0, "> 0"),
     ("rewards.remote_retries", lambda v: v >= 0, ">= 0"),
@@ -181,6 +187,9 @@ def validate(config, num_processes):
                       "velocity (guidance_scale 1.0)")
     if train.cfg and sample.guidance_scale <= 1.0:
         errors.append(f"train.cfg=True needs sample.guidance_scale > 1, got {sample.guidance_scale}")
+    if config.pretrained.backbone == "flux" and train.cfg:
+        errors.append("train.cfg=True with pretrained.backbone='flux': FLUX.1-dev is guidance-distilled, "
+                      "sample.guidance_scale is a model input and there is no unconditional pass")
     if flow_grpo and train.use_sa_solver:
         errors.append("train.algorithm='flow_grpo' needs SDE rollouts with log-probs: set train.use_sa_solver=False")
     if flow_grpo:

@@ -259,7 +259,8 @@ def multi_score(device, reward_weights, reward_config=None):
     its per-image fields (``strict_accuracy``, ``accuracy``,
     ``{tag}_strict_accuracy``, ``{tag}_accuracy``; ``accuracy`` is 0 when
     ``only_strict``). ``info`` holds the other rewards' extra arrays and
-    ``num_failures`` (images that scored 0 because their scoring raised).
+    ``num_failures`` (images that scored 0 because their scoring raised or
+    returned a non-finite value; an image counts once per reward that failed on it).
     A reward whose whole call raises scores 0 for the batch and counts B
     failures instead of ending the run, except a custom reward's
     ``RewardContractError`` (a bug in the user's function), which ends it.
@@ -301,6 +302,12 @@ def multi_score(device, reward_weights, reward_config=None):
                     from .geneval_rules import failed_geneval_fields
 
                     extra.update(failed_geneval_fields(metadata))
+            bad = ~np.isfinite(scores)
+            if bad.any():  # NaN / inf is that image's failure, like an exception
+                logger.warning("%s reward gave non-finite scores for images %s (scored 0)", name,
+                               np.flatnonzero(bad).tolist())
+                scores = np.where(bad, 0.0, scores)
+                extra = {**extra, "num_failures": int(extra.get("num_failures", 0)) + int(bad.sum())}
             rewards[name] = scores
             avg += weights[name] * scores
             info["num_failures"] += int(extra.get("num_failures", 0))

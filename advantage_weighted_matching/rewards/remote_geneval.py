@@ -13,25 +13,53 @@ The client turns the response into the same outputs as the in-process scorer
 fields with -10 for other tags, ``num_failures``). ``serve_geneval`` runs the
 server side around any ``score_fn(images_uint8, metadata, only_strict)``,
 e.g. an in-process ``GenevalScorer`` on a machine that holds the detector.
+
+The client is bounded: every call has a total deadline
+(``rewards.remote_geneval_timeout_s``, retries included; a socket is shut
+down when it passes, so a server that drips bytes cannot hold it), a reply
+larger than ``MAX_REPLY_BYTES`` is refused unread, and a connection error,
+timeout or HTTP 5xx / 429 is retried ``rewards.remote_geneval_retries``
+times with exponential backoff (1, 2, 4 s ...), as the reference's client
+retries its server. Every entry of a reply is type- and range-checked: a
+score that is not a finite number in the strict score's range, or a
+correctness flag that is not a boolean, makes that image a failure (scored 0,
+counted in ``num_failures``); a reply of the wrong shape fails the batch.
 """
 
 import base64
+import http.client
 import io
 import json
 import logging
+import math
+import socket
 import threading
-import urllib.request
+import time
+import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 from PIL import Image
 
 from . import images_to_uint8_hwc
-from .geneval_rules import geneval_fields
+from .geneval_rules import MAX_OBJECTS_PER_CLASS, geneval_fields
 
 logger = logging.getLogger(__name__)
 
-REQUEST_TIMEOUT_S = 600.0
+REQUEST_TIMEOUT_S = 600.0  # default total deadline per call, retries included
+MAX_REPLY_BYTES = 16 * 2**20  # a reply for a batch of images is a few kB
+BACKOFF_S = 1.0  # first retry delay; doubled after each failed attempt
+# Strict score = mean of credits in [1 - (found - count) / count, 1] with at most
+# MAX_OBJECTS_PER_CLASS objects found per class and count >= 1.
+SCORE_RANGE = (1.0 - (MAX_OBJECTS_PER_CLASS - 1), 1.0)
+
+
+class RemoteGenevalError(RuntimeError):
+    """The server did not give a usable reply; `retry` says whether trying again may help."""
+
+    def __init__(self, message, retry=False):
+        super().__init__(message)
+        self.retry = retry
 
 
 def encode_png_base64(image_uint8):
@@ -46,14 +74,72 @@ def decode_png_base64(text):
     return np.asarray(Image.open(io.BytesIO(base64.b64decode(text))).convert("RGB"))
 
 
+def post_json(url, body, deadline, max_bytes=MAX_REPLY_BYTES):
+    """POST `body` (bytes) and return the decoded JSON reply, all before `deadline`
+    (time.monotonic()). RemoteGenevalError on HTTP errors, oversized or invalid replies."""
+    parts = urllib.parse.urlsplit(url)
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise RemoteGenevalError("remote GenEval: deadline passed before the request")
+    connection_class = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+    connection = connection_class(parts.hostname, parts.port, timeout=remaining)
+    watchdog = threading.Timer(remaining, _shut_down, [connection])  # the total deadline, whatever the server does
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        connection.request("POST", path, body=body, headers={"Content-Type": "application/json"})
+        response = connection.getresponse()
+        declared = response.getheader("Content-Length")
+        if declared and declared.isdigit() and int(declared) > max_bytes:
+            raise RemoteGenevalError(f"remote GenEval reply of {int(declared)} bytes exceeds {max_bytes}")
+        data = response.read(max_bytes + 1)
+        if len(data) > max_bytes:
+            raise RemoteGenevalError(f"remote GenEval reply exceeds {max_bytes} bytes")
+        status = response.status
+    except (OSError, http.client.HTTPException) as error:
+        if time.monotonic() >= deadline - 1e-3:
+            raise RemoteGenevalError(f"remote GenEval: no complete reply within the deadline ({error!r})") from None
+        raise RemoteGenevalError(f"remote GenEval: {error!r}", retry=True) from None
+    finally:
+        watchdog.cancel()
+        connection.close()
+    if time.monotonic() > deadline:
+        raise RemoteGenevalError("remote GenEval: no complete reply within the deadline")
+    if status != 200:
+        raise RemoteGenevalError(f"remote GenEval: HTTP {status}: {data[:200]!r}", retry=status >= 500 or status == 429)
+    try:
+        return json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as error:
+        raise RemoteGenevalError(f"remote GenEval: reply is not JSON ({error})") from None
+
+
+def _shut_down(connection):
+    sock = connection.sock
+    if sock is not None:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)  # wakes a read blocked on this socket
+        except OSError:
+            pass
+
+
+def _valid_score(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
+        and SCORE_RANGE[0] <= value <= SCORE_RANGE[1]
+
+
+def _valid_flag(value):
+    return isinstance(value, bool) or (isinstance(value, int) and value in (0, 1))
+
+
 class RemoteGenevalClient:
     """``client.score_batch(images, metadata, only_strict) -> (scores [B], info)``."""
 
-    def __init__(self, url, timeout_s=REQUEST_TIMEOUT_S):
+    def __init__(self, url, timeout_s=REQUEST_TIMEOUT_S, retries=3, max_bytes=MAX_REPLY_BYTES, backoff_s=BACKOFF_S):
         if not url.startswith(("http://", "https://")):
             raise ValueError(f"remote_geneval_url must be an http(s) URL, got {url!r}")
-        self.url = url
-        self.timeout_s = timeout_s
+        self.url, self.timeout_s, self.retries, self.max_bytes, self.backoff_s = (
+            url, float(timeout_s), int(retries), int(max_bytes), float(backoff_s))
 
     def request(self, images_uint8, metadata, only_strict):
         body = json.dumps(
@@ -63,23 +149,42 @@ class RemoteGenevalClient:
                 "only_strict": bool(only_strict),
             }
         ).encode("utf-8")
-        request = urllib.request.Request(
-            self.url, data=body, headers={"Content-Type": "application/json"}, method="POST"
-        )
-        with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
-            return json.loads(response.read().decode("utf-8"))
+        deadline, delay = time.monotonic() + self.timeout_s, self.backoff_s
+        for attempt in range(self.retries + 1):
+            try:
+                return post_json(self.url, body, deadline, self.max_bytes)
+            except RemoteGenevalError as error:
+                wait = min(delay, deadline - time.monotonic())
+                if not error.retry or attempt == self.retries or wait <= 0:
+                    raise
+                logger.warning("%s; retry %d of %d in %.1f s", error, attempt + 1, self.retries, wait)
+                time.sleep(wait)
+                delay *= 2
 
     def score_batch(self, images, metadata, only_strict=True):
         images_uint8 = images_to_uint8_hwc(images)
         batch_size = len(images_uint8)
         reply = self.request(images_uint8, metadata, only_strict)
-        for key in ("scores", "strict_correct", "correct"):
-            if len(reply.get(key, ())) != batch_size:
-                raise ValueError(f"remote GenEval reply field {key!r} does not hold {batch_size} entries")
-        failed = np.asarray(reply.get("failed", [False] * batch_size), dtype=bool)
-        scores = np.where(failed, 0.0, np.asarray(reply["scores"], dtype=np.float64))
-        strict_correct = np.where(failed, 0.0, np.asarray(reply["strict_correct"], dtype=np.float64))
-        correct = np.where(failed, 0.0, np.asarray(reply["correct"], dtype=np.float64))
+        if not isinstance(reply, dict):
+            raise ValueError(f"remote GenEval reply is a {type(reply).__name__}, not an object")
+        for key in ("scores", "strict_correct", "correct") + (("failed",) if "failed" in reply else ()):
+            if not isinstance(reply.get(key), list) or len(reply[key]) != batch_size:
+                raise ValueError(f"remote GenEval reply field {key!r} is not a list of {batch_size} entries")
+        failed, invalid = np.zeros(batch_size, dtype=bool), []
+        for i in range(batch_size):
+            flag = reply["failed"][i] if "failed" in reply else False
+            if _valid_flag(flag) and flag:
+                failed[i] = True  # the server says so: its other entries do not matter
+            elif not (_valid_flag(flag) and _valid_score(reply["scores"][i])
+                      and _valid_flag(reply["strict_correct"][i]) and _valid_flag(reply["correct"][i])):
+                failed[i] = True
+                invalid.append(i)
+        if invalid:
+            logger.warning("remote GenEval reply has invalid entries for images %s (scored 0): %s", invalid,
+                           [(reply["scores"][i], reply["strict_correct"][i], reply["correct"][i]) for i in invalid[:4]])
+        scores = np.array([0.0 if failed[i] else float(reply["scores"][i]) for i in range(batch_size)])
+        strict_correct = np.array([0.0 if failed[i] else float(reply["strict_correct"][i]) for i in range(batch_size)])
+        correct = np.array([0.0 if failed[i] else float(reply["correct"][i]) for i in range(batch_size)])
         if only_strict:  # GenEval correctness is not computed during training
             correct = np.zeros(batch_size)
         if failed.any():
@@ -94,7 +199,8 @@ class RemoteGenevalClient:
 def make_remote_geneval_scorer(device, reward_config):
     """Factory: ``fn(images, prompts, metadata, only_strict=True) -> (scores [B], info)``."""
     del device
-    client = RemoteGenevalClient(reward_config["remote_geneval_url"])
+    client = RemoteGenevalClient(reward_config["remote_geneval_url"], reward_config["remote_geneval_timeout_s"],
+                                 reward_config["remote_geneval_retries"])
 
     def score(images, prompts, metadata, only_strict=True):
         del prompts

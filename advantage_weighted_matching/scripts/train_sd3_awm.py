@@ -15,7 +15,6 @@ import contextlib
 import json
 import os
 import shutil
-import signal
 import sys
 import time
 from collections import defaultdict
@@ -31,7 +30,9 @@ from ml_collections import config_flags
 from tqdm.auto import tqdm
 
 from advantage_weighted_matching import checkpoint as ckpt
+from advantage_weighted_matching import preflight
 from advantage_weighted_matching.advantages import clip_advantages, group_advantages
+from advantage_weighted_matching.backbones import get_backbone
 from advantage_weighted_matching.config import ConfigError, format_batch_plan, validate
 from advantage_weighted_matching.ema import WeightEMA, kl_ema_decay, lerp_
 from advantage_weighted_matching.evaluation import evaluate, summarize
@@ -42,7 +43,8 @@ from advantage_weighted_matching.lora import (
 from advantage_weighted_matching.objective import awm_loss
 from advantage_weighted_matching.optim import build_lr_scheduler, build_optimizer
 from advantage_weighted_matching.prompts import k_repeat_batch, load_prompts
-from advantage_weighted_matching.rollout import encode_prompts, flow_sigmas, load_pipeline, rollout, velocity
+from advantage_weighted_matching.rollout import rollout
+from advantage_weighted_matching.stopping import RewardOutage, StopSignals, TrainingHalted
 from advantage_weighted_matching.timesteps import sample_train_times
 from advantage_weighted_matching.visualize import caption, image_grid
 
@@ -72,6 +74,8 @@ def main(_):
         print(format_batch_plan(plan))
         print(json.dumps(plan, sort_keys=True))
         return
+    preflight.check_paths(config)  # model, resume_from, run dir: before anything is created or loaded
+    stop = StopSignals()  # SIGINT / SIGTERM / SIGHUP / parent death: save at the next safe point, exit 128 + sig
 
     # ---------------------------------------------------------------- setup
     use_wandb = os.environ.get("WANDB_MODE") != "disabled"
@@ -92,32 +96,33 @@ def main(_):
     if world != num_processes:
         plan = validate(config, world)
     needs_quotes = "ocr" in config.reward_fn
-    train_prompts, train_metadata = load_prompts(config.dataset, config.prompt_fn, "train", needs_quotes)
-    test_prompts, test_metadata = load_prompts(config.dataset, config.prompt_fn, "test", needs_quotes)
+    names = config.rewards.geneval_object_names
+    train_prompts, train_metadata = load_prompts(config.dataset, config.prompt_fn, "train", needs_quotes, names)
+    test_prompts, test_metadata = load_prompts(config.dataset, config.prompt_fn, "test", needs_quotes, names)
     if plan["groups_per_rollout_batch"] > len(train_prompts):
         raise ConfigError(
             f"{plan['groups_per_rollout_batch']} distinct prompts per rollout batch but {config.dataset} has only "
             f"{len(train_prompts)} training prompts"
         )
-    resume_path = ckpt.resolve_resume_path(config.resume_from) if config.resume_from else ""
-    flat_config = {**ckpt.flatten_config(config.to_dict()), "num_processes": world}
-    if resume_path:
-        saved = ckpt.saved_flat_config(ckpt.read_json(os.path.join(resume_path, "config.json")))
-        differences = ckpt.config_differences(saved, flat_config)
-        if differences:
-            raise ConfigError(
-                f"cannot resume from {resume_path}: the batch plan or model shapes differ:\n  "
-                + "\n  ".join(f"{key}: checkpoint {old!r} != now {new!r}" for key, old, new in differences)
-            )
     run_name = config.run_name or "awm"
     save_dir = config.save_dir or (
-        os.path.dirname(os.path.dirname(resume_path)) if resume_path
+        ckpt.run_dir_of(config.resume_from) if config.resume_from
         else os.path.join(config.logdir, f"{run_name}_{time.strftime('%Y%m%d_%H%M%S')}")
     )
     save_dir = broadcast_object_list([save_dir])[0]  # one timestamp for every rank
+    preflight.on_main(lambda: preflight.claim_run_dir(save_dir, config.resume_from), is_main)  # held till exit
+    flat_config = {**ckpt.flatten_config(config.to_dict()), "num_processes": world}
+    resume_path = ""
+    if config.resume_from:  # the newest checkpoint whose checksums verify, and a config it allows
+        resume_path = preflight.on_main(lambda: ckpt.select_resume_checkpoint(
+            config.resume_from, world, warn=logger.warning), is_main, share_result=True)
+        saved = ckpt.saved_flat_config(ckpt.read_json(os.path.join(resume_path, "config.json")))
+        for change in ckpt.check_resume_config(saved, flat_config, config.resume_allow_changes, resume_path):
+            logger.warning(f"resume with a changed config: {change}", main_process_only=True)
     if is_main:
-        os.makedirs(save_dir, exist_ok=True)
-        ckpt.write_json(os.path.join(save_dir, "config.json"), {**config.to_dict(), "num_processes": world})
+        kept = ckpt.write_run_config(save_dir, {**config.to_dict(), "num_processes": world})
+        if kept:
+            logger.info(f"the run dir's previous config is kept as {kept}")
     if "WANDB_MODE" not in os.environ and not os.environ.get("WANDB_API_KEY"):
         os.environ["WANDB_MODE"] = "offline"  # no key: log locally, `wandb sync` later
     accelerator.init_trackers(
@@ -133,17 +138,18 @@ def main(_):
 
     # Before the diffusion model loads: a custom reward's contract probe fails here, in seconds.
     reward_fn = multi_score(config.rewards.device or device, dict(config.reward_fn), config.rewards)
+    backbone = get_backbone(config.pretrained.backbone)  # SD3 or FLUX: the model family's calls
     if config.pretrained.tiny_seed >= 0:
-        from advantage_weighted_matching.tiny_sd3 import ensure_tiny_sd3
-
         if is_main:
-            ensure_tiny_sd3(config.pretrained.model, config.pretrained.tiny_seed)
+            backbone.ensure_tiny(config.pretrained.model, config.pretrained.tiny_seed)
         accelerator.wait_for_everyone()
     inference_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
-    pipeline = load_pipeline(config.pretrained.model, config.pretrained.revision, inference_dtype, device)
+    pipeline = backbone.load_pipeline(config.pretrained.model, config.pretrained.revision, inference_dtype, device)
+    if config.train.gradient_checkpointing:  # recompute block activations in backward: memory for time
+        pipeline.transformer.enable_gradient_checkpointing()
 
     lora_cfg = lora_config(config.train.lora_rank, config.train.lora_alpha, config.train.lora_init,
-                           config.lora_type)
+                           config.lora_type, backbone)
     has_ema_adapter = config.train.ema_beta > 0 or config.train.off_policy
     model = add_lora(pipeline.transformer, lora_cfg, with_ema_adapter=has_ema_adapter)
     if config.train.lora_path:
@@ -170,10 +176,11 @@ def main(_):
         if train_cfg.ema else None
 
     reward_executor = ThreadPoolExecutor(max_workers=1)
-    train_sigmas = flow_sigmas(pipeline.scheduler, config.sample.num_steps)
-    eval_sigmas = flow_sigmas(pipeline.scheduler, config.sample.eval_num_steps)
-    negative = encode_prompts(pipeline, [""], device, config.max_sequence_length) \
-        if config.sample.guidance_scale > 1.0 else None
+    train_sigmas = backbone.sigmas(pipeline, config.sample.num_steps, config.resolution)
+    eval_sigmas = backbone.sigmas(pipeline, config.sample.eval_num_steps, config.resolution)
+    guidance = config.sample.guidance_scale
+    negative = backbone.encode_prompts(pipeline, [""], device, config.max_sequence_length) \
+        if backbone.uses_cfg(guidance) else None
 
     first_epoch, global_step = 0, 0
     stateful = {"optimizer": optimizer, "lr_scheduler": lr_scheduler, "scaler": accelerator.scaler,
@@ -196,10 +203,10 @@ def main(_):
         ckpt.write_json(os.path.join(temp, f"rng_state_{rank}.json"), ckpt.rng_state())
         if is_main:
             for adapter, name in adapter_dirs.items():
-                save_adapter(model, adapter, os.path.join(temp, name), lora_cfg)
+                save_adapter(model, adapter, os.path.join(temp, name), lora_cfg, backbone)
             if weight_ema is not None:  # the weight-EMA as a LoRA of its own, for inference
                 weight_ema.swap(policy_params)
-                save_adapter(model, "default", os.path.join(temp, "ema_lora"), lora_cfg)
+                save_adapter(model, "default", os.path.join(temp, "ema_lora"), lora_cfg, backbone)
                 weight_ema.swap(policy_params)
             state = ckpt.training_state(stateful, next_epoch, global_step,
                                         next_epoch * config.sample.num_batches_per_epoch)
@@ -211,12 +218,14 @@ def main(_):
             logger.info(f"saved checkpoint {path}")
         accelerator.wait_for_everyone()
 
-    stop_signal = {"received": False}
-    signal.signal(signal.SIGTERM, lambda *_: stop_signal.update(received=True))
-
     def stop_requested():  # every rank calls this at the same points: one tiny collective
-        flag = torch.tensor([float(stop_signal["received"])], device=device)
-        return bool(accelerator.gather(flag).max() > 0)
+        """The stop signal any rank received (0: none), so that all ranks stop together."""
+        return int(accelerator.gather(torch.tensor([float(stop.signum)], device=device)).max())
+
+    def save_and_exit(signum, next_epoch):
+        save_checkpoint(next_epoch)
+        logger.warning(StopSignals.describe(signum), main_process_only=True)
+        sys.exit(128 + signum)
 
     def eval_and_log(tag, epoch):
         rewards, images, prompts, num_failures = evaluate(
@@ -224,7 +233,7 @@ def main(_):
             resolution=config.resolution, batch_size=config.sample.test_batch_size, rank=rank,
             num_processes=world, gather=accelerator.gather, seed=config.seed, device=device,
             max_sequence_length=config.max_sequence_length, limit=config.sample.num_eval_images,
-            autocast=accelerator.autocast, negative=negative, guidance_scale=config.sample.guidance_scale,
+            autocast=accelerator.autocast, negative=negative, guidance_scale=guidance, backbone=backbone,
             progress=tqdm(desc=f"{tag}", disable=not is_main, leave=False).update,
         )
         summary = {f"{tag}/{key}": value for key, value in summarize(rewards).items()}
@@ -246,18 +255,19 @@ def main(_):
         the stored SDE step j of every sample of the micro-batch (SPEC 7)."""
         repeats = 1 if flow_grpo else train_cfg.train_timesteps
         embeds, pooled = samples["embeds"][rows].repeat(repeats, 1, 1), samples["pooled"][rows].repeat(repeats, 1)
-        cfg = dict(negative=negative, guidance_scale=config.sample.guidance_scale) if train_cfg.cfg else {}
+        # SD3: CFG only with train.cfg (the negative embedding); FLUX: the guidance value is an input
+        cfg = dict(negative=negative if train_cfg.cfg else None, guidance_scale=guidance, dtype=inference_dtype)
 
         def policy_v(x, t):
-            return velocity(transformer, x, t, embeds, pooled, dtype=inference_dtype, detach_uncond=True, **cfg)
+            return backbone.velocity(transformer, x, t, embeds, pooled, detach_uncond=True, **cfg)
 
         def ref_v(x, t):
             with adapters.disabled(), accelerator.autocast():
-                return velocity(lora_transformer, x, t, embeds, pooled, dtype=inference_dtype, **cfg)
+                return backbone.velocity(lora_transformer, x, t, embeds, pooled, **cfg)
 
         def ema_v(x, t):
             with adapters.use("ema"), accelerator.autocast():
-                return velocity(lora_transformer, x, t, embeds, pooled, dtype=inference_dtype)
+                return backbone.velocity(lora_transformer, x, t, embeds, pooled, **cfg)
 
         if flow_grpo:
             x, x_next, sigma, sigma_next, old_log_probs = step_rows(
@@ -283,6 +293,7 @@ def main(_):
     num_batches, batch_size, k = (config.sample.num_batches_per_epoch, config.sample.train_batch_size,
                                   config.sample.num_image_per_prompt)
     nonfinite_streak = 0
+    reward_outage = RewardOutage(config.rewards.max_failure_fraction, config.rewards.max_failed_epochs)
     for epoch in range(first_epoch, config.num_epochs):
         timings, steps_this_epoch, train_log = {}, 0, {}
         # ================================================================ SAMPLE
@@ -290,21 +301,20 @@ def main(_):
         model.eval()
         batches = []
         for i in tqdm(range(num_batches), desc=f"epoch {epoch} sample", disable=not is_main, leave=False):
-            if stop_requested():
-                save_checkpoint(epoch)  # weights are still the start-of-epoch weights
-                return sys.exit(143)
+            if signum := stop_requested():
+                return save_and_exit(signum, epoch)  # weights are still the start-of-epoch weights
             counter = epoch * num_batches + i
             all_indices = k_repeat_batch(len(train_prompts), config.seed, counter, world, batch_size, k)
             indices = all_indices[rank * batch_size:(rank + 1) * batch_size].tolist()
             prompts, metadata = [train_prompts[j] for j in indices], [train_metadata[j] for j in indices]
-            embeds, pooled = encode_prompts(pipeline, prompts, device, config.max_sequence_length)
+            embeds, pooled = backbone.encode_prompts(pipeline, prompts, device, config.max_sequence_length)
             generator = torch.Generator(device).manual_seed(stream_seed(config.seed, "rollout", counter, rank))
             sampling_adapter = adapters.use("ema") if train_cfg.off_policy else contextlib.nullcontext()
             with accelerator.autocast(), sampling_adapter:
                 result = rollout(
                     pipeline, lora_transformer, embeds, pooled, train_sigmas, config.resolution, generator,
                     use_sa_solver=train_cfg.use_sa_solver, noise_level=config.sample.noise_level,
-                    sde_frac=config.sample.sde_frac, negative=negative, guidance_scale=config.sample.guidance_scale,
+                    sde_frac=config.sample.sde_frac, negative=negative, guidance_scale=guidance, backbone=backbone,
                 )
             # Score on the worker thread while the next batch samples.
             future = reward_executor.submit(reward_fn, result.images, prompts, metadata, True)
@@ -323,6 +333,10 @@ def main(_):
                     for key, v in local.items()}
         num_failures = int(accelerator.gather(torch.tensor([sum(s[1]["num_failures"] for s in scored)],
                                                            device=device)).sum())
+        outage = reward_outage.update(num_failures, len(gathered["avg"]) * len(config.reward_fn))
+        if outage:  # keep the start-of-epoch state; a resume redoes this epoch with a working reward
+            save_checkpoint(epoch)
+            raise TrainingHalted(f"{outage}; checkpoint saved before epoch {epoch}")
 
         # ================================================================ ADVANTAGE
         # Every rank drew all ranks' prompt indices (the sampler is pure): no string gather.
@@ -359,9 +373,8 @@ def main(_):
             # AWM: one forward/backward pass per micro-batch; Flow-GRPO: one per trained SDE step
             passes = [(m, unit) for m in range(per_rank // micro) for unit in range(units_per_micro_batch)]
             for m, unit in tqdm(passes, desc=f"epoch {epoch} train", disable=not is_main, leave=False):
-                if unit == 0 and steps_this_epoch == 0 and stop_requested():
-                    save_checkpoint(epoch)
-                    return sys.exit(143)
+                if unit == 0 and steps_this_epoch == 0 and (signum := stop_requested()):
+                    return save_and_exit(signum, epoch)
                 rows = order[m * micro:(m + 1) * micro]
                 with accelerator.accumulate(transformer):
                     loss, metrics = micro_batch_loss(samples, rows, unit, cpu_generator, noise_generator)
@@ -375,8 +388,8 @@ def main(_):
                         logger.warning(f"epoch {epoch}: non-finite loss ({nonfinite_streak} in a row), step skipped")
                         if nonfinite_streak >= config.max_nonfinite_steps:
                             save_checkpoint(epoch)
-                            raise RuntimeError(f"{nonfinite_streak} non-finite losses in a row; checkpoint saved "
-                                               f"at epoch {epoch} before this epoch's update")
+                            raise TrainingHalted(f"{nonfinite_streak} non-finite losses in a row; checkpoint saved "
+                                                 f"at epoch {epoch} before this epoch's update")
                     if accelerator.sync_gradients:
                         if window_ok:
                             grad_norm = accelerator.clip_grad_norm_(policy_params, train_cfg.max_grad_norm)
@@ -422,11 +435,11 @@ def main(_):
                 f.write(json.dumps({k: v for k, v in record.items() if isinstance(v, (int, float))}) + "\n")
         logger.info(f"epoch {epoch}: reward {epoch_log['reward/avg']:.4f} " + " ".join(
             f"{key}={value:.1f}s" for key, value in timings.items()), main_process_only=True)
-        last_epoch = epoch + 1 == config.num_epochs
-        if last_epoch or (config.save_freq and (epoch + 1) % config.save_freq == 0) or stop_requested():
+        last_epoch, signum = epoch + 1 == config.num_epochs, stop_requested()
+        if signum and not last_epoch:
+            return save_and_exit(signum, epoch + 1)
+        if last_epoch or (config.save_freq and (epoch + 1) % config.save_freq == 0):
             save_checkpoint(epoch + 1)
-        if not last_epoch and stop_requested():
-            return sys.exit(143)
     reward_executor.shutdown()
     accelerator.end_training()
 
@@ -454,15 +467,20 @@ def _wandb_image(pil_image):
 
 
 def cli_main(argv):
-    """Command-line entry: bad input ends in one clear message, not a traceback."""
+    """Command-line entry: bad input (exit 2) or a deliberate halt (exit 1) ends in one
+    clear message from the first rank, not a traceback per rank."""
     from advantage_weighted_matching.prompts import PromptFileError
+    from advantage_weighted_matching.runlock import release_all
 
     try:
         main(argv)
-    except (ConfigError, PromptFileError) as error:
-        print(f"train_sd3_awm: {error}", file=sys.stderr)
-        sys.exit(2)
+    except (*preflight.USER_ERRORS, PromptFileError, TrainingHalted) as error:
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"train_sd3_awm: {error}", file=sys.stderr)
+        sys.exit(1 if isinstance(error, TrainingHalted) else 2)
+    finally:
+        release_all()  # the run dir's lock (the kernel drops it anyway; this marks it released)
 
 
 if __name__ == "__main__":
-    app.run(cli_main)
+    app.run(cli_main, flags_parser=lambda argv: preflight.parse_flags_or_exit(argv, "train_sd3_awm"))
