@@ -135,10 +135,10 @@ def test_a_dripping_server_cannot_outlast_the_deadline(servers):
 def test_oversized_replies_are_refused(servers):
     big = {"outputs": [0.5] * 1000}  # about 6 kB
     declared = servers(reply(200, big))
-    with pytest.raises(RemoteRewardError, match="exceeds the cap"):
+    with pytest.raises(RemoteRewardError, match="exceeds 1000 bytes"):
         BoundedJsonClient(declared.url, timeout_s=5, max_bytes=1000).post({})
     undeclared = servers(reply(200, big, content_length=False))  # body ends when the server closes
-    with pytest.raises(RemoteRewardError, match="exceeds the cap"):
+    with pytest.raises(RemoteRewardError, match="exceeds 1000 bytes"):
         BoundedJsonClient(undeclared.url, timeout_s=5, max_bytes=1000).post({})
 
 

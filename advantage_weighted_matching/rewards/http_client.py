@@ -1,4 +1,4 @@
-"""Bounded JSON-over-HTTP client for remote rewards (``deqa``, ``unifiedreward``).
+"""Bounded JSON-over-HTTP client for remote rewards (``deqa``, ``unifiedreward``, remote ``geneval``).
 
 A reward server can hang, drip bytes, send a huge body, answer 500 while it
 restarts, or return garbage. ``BoundedJsonClient.post`` bounds all of that:
@@ -84,7 +84,7 @@ def post_json(url, payload, deadline, max_bytes=DEFAULT_MAX_REPLY_BYTES, headers
         response = connection.getresponse()
         declared = response.getheader("Content-Length")
         if declared is not None and declared.strip().isdigit() and int(declared) > max_bytes:
-            raise RemoteRewardError(f"{url}: reply of {int(declared)} bytes exceeds the cap of {max_bytes}")
+            raise RemoteRewardError(f"{url}: reply of {int(declared)} bytes exceeds {max_bytes} bytes (the cap)")
         data = response.read(max_bytes + 1)
         status = response.status
     except (OSError, http.client.HTTPException) as error:
@@ -95,7 +95,7 @@ def post_json(url, payload, deadline, max_bytes=DEFAULT_MAX_REPLY_BYTES, headers
         watchdog.cancel()
         connection.close()
     if len(data) > max_bytes:
-        raise RemoteRewardError(f"{url}: reply exceeds the cap of {max_bytes} bytes")
+        raise RemoteRewardError(f"{url}: reply exceeds {max_bytes} bytes (the cap)")
     if time.monotonic() > deadline:
         raise RemoteRewardError(f"{url}: no complete reply before the deadline")
     if status != 200:
