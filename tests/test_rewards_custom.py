@@ -321,3 +321,18 @@ def test_one_training_epoch_with_a_custom_reward(tmp_path, tiny_sd3_dir):
     assert 0.0 <= record[f"reward/{SATURATION}"] <= 1.0
     assert record["reward/avg"] == pytest.approx(record[f"reward/{SATURATION}"])
     assert record["reward/num_failures"] == 0
+
+
+def test_training_script_stops_with_one_message_when_the_probe_fails(tmp_path):
+    (tmp_path / "bad_reward.py").write_text("def fn(images, prompts, metadata):\n    return [0.5]\n")
+    result = subprocess.run(
+        [sys.executable, str(TRAIN_SCRIPT), f"--config={TINY_PRESET}:tiny_cpu", f"--config.logdir={tmp_path / 'logs'}",
+         f"--config.pretrained.model={tmp_path / 'never_built'}", '--config.reward_fn={"bad_reward:fn": 1.0}'],
+        capture_output=True, text=True, cwd=REPO_ROOT, timeout=300,
+        env={**os.environ, "PYTHONPATH": f"{REPO_ROOT}{os.pathsep}{tmp_path}", "WANDB_MODE": "disabled"},
+    )
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert ("train_sd3_awm: custom reward 'bad_reward:fn': scores must have shape [2] (one per image) or [2, 1], "
+            "got shape [1] (contract probe") in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "never_built").exists()  # stopped before the diffusion model is built or loaded

@@ -470,11 +470,12 @@ def cli_main(argv):
     """Command-line entry: bad input (exit 2) or a deliberate halt (exit 1) ends in one
     clear message from the first rank, not a traceback per rank."""
     from advantage_weighted_matching.prompts import PromptFileError
+    from advantage_weighted_matching.rewards.custom import RewardContractError
     from advantage_weighted_matching.runlock import release_all
 
     try:
         main(argv)
-    except (*preflight.USER_ERRORS, PromptFileError, TrainingHalted) as error:
+    except (*preflight.USER_ERRORS, PromptFileError, RewardContractError, TrainingHalted) as error:
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"train_sd3_awm: {error}", file=sys.stderr)
         sys.exit(1 if isinstance(error, TrainingHalted) else 2)
