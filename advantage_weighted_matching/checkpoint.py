@@ -54,6 +54,7 @@ RESUME_FREE_KEYS = (
     "max_nonfinite_steps", "sample.eval_num_steps", "sample.test_batch_size", "sample.num_eval_images",
     "rewards.device", "rewards.batch_size", "rewards.max_failure_fraction", "rewards.max_failed_epochs",
     "rewards.remote_geneval_url", "rewards.remote_geneval_timeout_s", "rewards.remote_geneval_retries",
+    "rewards.deqa_url", "rewards.unifiedreward_url", "rewards.remote_timeout_s", "rewards.remote_retries",
     "train.gradient_checkpointing",  # memory for time, same mathematics
 )
 

@@ -15,7 +15,13 @@ Per reward:
 * ``pickscore``: the PickScore model (config + weights) and the CLIP-H
   processor (tokenizer and preprocessing files only, no weights).
 * ``geneval``: the Mask2Former detector and the CLIP ViT-L/14 colour classifier.
-* ``jpeg_compressibility``: nothing.
+* ``aesthetic``: CLIP ViT-L/14 and the LAION head file (``rewards.aesthetic_head``,
+  a URL, downloaded into ``$AWM_CACHE_DIR/reward_weights/``).
+* ``imagereward``: ``ImageReward.pt`` and ``med_config.json`` of THUDM/ImageReward
+  and the bert-base-uncased tokenizer files.
+* ``qwenvl``: the Qwen2.5-VL judge (config, tokenizer, processor, weights).
+* ``jpeg_compressibility``, ``jpeg_incompressibility``, ``deqa``,
+  ``unifiedreward`` (HTTP services) and rewards from your own module: nothing.
 
 Weights: ``*.safetensors`` when the repository has them, else ``*.bin``;
 TF/Flax/ONNX/open_clip files are never fetched.
@@ -30,7 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from advantage_weighted_matching.rewards import reward_config_defaults, validate_reward_names  # noqa: E402
 
 DEFAULT_REWARDS = "ocr,pickscore,geneval"
-CONFIG_FILE_PATTERNS = ["*.json", "*.txt", "*.model"]  # configs, tokenizer, preprocessor
+CONFIG_FILE_PATTERNS = ["*.json", "*.txt", "*.model", "*.jinja"]  # configs, tokenizer, preprocessor, template
 NEVER_FETCH = ["*.h5", "*.msgpack", "*.onnx", "*.ot", "open_clip_*", "*.pt", "*.ckpt"]
 
 
@@ -43,7 +49,38 @@ def downloads_for(reward_names, ids):
     if "geneval" in reward_names:
         plan.append((ids["geneval_detector"], True, "geneval detector (Mask2Former)"))
         plan.append((ids["geneval_clip"], True, "geneval colour classifier (CLIP)"))
+    if "aesthetic" in reward_names:
+        plan.append((ids["aesthetic_clip"], True, "aesthetic image encoder (CLIP ViT-L/14)"))
+    if "imagereward" in reward_names:
+        plan.append((ids["imagereward_tokenizer"], False, "imagereward tokenizer (BERT uncased)"))
+    if "qwenvl" in reward_names:
+        plan.append((ids["qwenvl_model"], True, "qwenvl judge (Qwen2.5-VL)"))
     return plan
+
+
+def single_files_for(reward_names, ids):
+    """[(source, filename, why)]: hub files (source a repo id) and URLs (filename None)."""
+    files = []
+    if "aesthetic" in reward_names and ids["aesthetic_head"].startswith(("http://", "https://")):
+        files.append((ids["aesthetic_head"], None, "aesthetic head (LAION MLP)"))
+    if "imagereward" in reward_names and not os.path.isdir(ids["imagereward_model"]):
+        for filename in ("ImageReward.pt", "med_config.json"):
+            files.append((ids["imagereward_model"], filename, "imagereward weights"))
+    return files
+
+
+def fetch_single_file(source, filename, cache_dir, check):
+    """Download (or with ``check`` only look up) one hub file or URL; returns its local path."""
+    if filename is None:
+        from advantage_weighted_matching.rewards.weight_files import cached_path_for_url, url_or_path_file
+
+        target = cached_path_for_url(source)
+        if check and not os.path.isfile(target):
+            raise FileNotFoundError(f"{target} is absent")
+        return url_or_path_file(source, "download")
+    from huggingface_hub import hf_hub_download
+
+    return hf_hub_download(source, filename, cache_dir=cache_dir, local_files_only=check)
 
 
 def allow_patterns(repo_id, with_weights):
@@ -72,7 +109,8 @@ def parse_args(argv):
     parser.add_argument(
         "--rewards", default=DEFAULT_REWARDS, help=f"comma-separated reward names (default {DEFAULT_REWARDS})"
     )
-    for key in ("pickscore_model", "pickscore_processor", "geneval_detector", "geneval_clip"):
+    for key in ("pickscore_model", "pickscore_processor", "geneval_detector", "geneval_clip", "aesthetic_clip",
+                "aesthetic_head", "imagereward_model", "imagereward_tokenizer", "qwenvl_model"):
         flag = f"--{key.replace('_', '-')}"
         parser.add_argument(flag, dest=key, default=defaults[key], help=f"default {defaults[key]}")
     parser.add_argument("--cache-dir", default=None, help="HF cache directory (default: the HF_HOME cache)")
@@ -97,8 +135,19 @@ def main(argv=None):
         else:
             print("ocr: RapidOCR models ship inside rapidocr-onnxruntime; nothing to download")
     plan = downloads_for(reward_names, vars(args))
-    if not plan:
+    files = single_files_for(reward_names, vars(args))
+    if not plan and not files:
         print("no model weights needed for", ", ".join(reward_names))
+    for source, filename, why in files:
+        name = source if filename is None else f"{source}/{filename}"
+        if args.dry_run:
+            print(f"would download {name} ({why})")
+            continue
+        try:
+            path = fetch_single_file(source, filename, args.cache_dir, args.check)
+            print(f"{'cached    ' if args.check else 'downloaded'} {name} ({why}) -> {path}")
+        except Exception as error:  # noqa: BLE001 - report every file, then fail
+            problems.append(f"{'missing' if args.check else 'could not download'} {name} ({why}): {error}")
     from huggingface_hub import snapshot_download
 
     for repo_id, with_weights, why in plan:

@@ -588,7 +588,7 @@ INVALID = [
      ["train.num_batches_per_epoch=36", "= 72"]),
     ("gradient_accumulation_zero", _with(train__gradient_accumulation_steps=0), 8,
      ["train.gradient_accumulation_steps=0"]),
-    ("unknown_reward", _reward({"ocr": 1.0, "aesthetic": 0.5}), 8, ["reward_fn", "aesthetic"]),
+    ("unknown_reward", _reward({"ocr": 1.0, "aesthetics": 0.5}), 8, ["reward_fn", "aesthetics"]),
     ("empty_reward", _reward({}), 8, ["reward_fn is empty"]),
     ("nonfinite_reward_weight", _reward({"ocr": float("nan")}), 8, ["reward_fn.ocr"]),
     ("negative_lr", _with(train__learning_rate=-1e-4), 8, ["train.learning_rate=-0.0001"]),

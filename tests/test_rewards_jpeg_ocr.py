@@ -45,11 +45,14 @@ def _expected_jpeg_reward(image_chw01):
 
 
 def test_registry_names_and_validation():
-    assert {"jpeg_compressibility", "ocr", "pickscore", "geneval"} <= set(REWARDS)
+    # the reference release's multi_score names, plus jpeg_incompressibility and the CPU toys' rewards
+    reference = {"deqa", "ocr", "imagereward", "pickscore", "qwenvl", "aesthetic", "jpeg_compressibility",
+                 "unifiedreward", "geneval"}
+    assert set(REWARDS) == reference | {"jpeg_incompressibility", "brightness", "shapes"}
     validate_reward_names(["ocr", "geneval"])
     with pytest.raises(ValueError) as error:
-        validate_reward_names(["ocr", "aesthetic"])
-    assert "aesthetic" in str(error.value) and "pickscore" in str(error.value)
+        validate_reward_names(["ocr", "aesthetics"])
+    assert "aesthetics" in str(error.value) and "pickscore" in str(error.value)
 
 
 def test_validation_imports_no_heavy_module():
@@ -119,6 +122,20 @@ def test_jpeg_compressibility_matches_formula_and_orders_images():
     assert scores[0] == pytest.approx(_expected_jpeg_reward(flat[0]), abs=0)
     assert scores[1] == pytest.approx(_expected_jpeg_reward(noise[0]), abs=0)
     assert scores[1] < scores[0] < 0  # noise compresses worse
+
+
+def test_jpeg_incompressibility_is_the_size_in_kb():
+    generator = torch.Generator().manual_seed(2)
+    images = torch.cat([torch.full((1, 3, 48, 48), 0.7), torch.rand((1, 3, 48, 48), generator=generator)])
+    scores, info = REWARDS["jpeg_incompressibility"]("cpu", None)(images, ["a", "b"], [{}, {}])
+    assert info == {"num_failures": 0}
+    for image, score in zip(images, scores):
+        array = np.clip(np.round(image.numpy().astype(np.float64) * 255), 0, 255).astype(np.uint8).transpose(1, 2, 0)
+        buffer = io.BytesIO()
+        Image.fromarray(array).save(buffer, format="JPEG", quality=95)
+        assert score == len(buffer.getvalue()) / 1000  # kB, positive, no /500
+        assert score == pytest.approx(-500 * _expected_jpeg_reward(image), abs=1e-12)  # = -500 x compressibility
+    assert scores[1] > scores[0] > 0
 
 
 def test_multi_score_weighted_sum_and_unknown_name():
@@ -253,3 +270,14 @@ def test_real_ocr_partial_blank_and_noise(real_ocr, ocr_prompts):
     assert info["num_failures"] == 0
     assert 0.0 < scores[0] < 1.0, (scores, partial)
     assert scores[1] == 0.0 and scores[2] == 0.0
+
+
+def test_prefetch_dry_run_names_the_weights_of_every_model_reward():
+    script = Path(__file__).resolve().parents[1] / "setup" / "prefetch_reward_weights.py"
+    names = "aesthetic,imagereward,qwenvl,deqa,unifiedreward,jpeg_incompressibility"
+    output = subprocess.run([sys.executable, str(script), "--rewards", names, "--dry-run"], capture_output=True,
+                            text=True, check=True).stdout
+    defaults = reward_config_defaults()
+    for expected in (defaults["aesthetic_head"], defaults["aesthetic_clip"], "THUDM/ImageReward/ImageReward.pt",
+                     "THUDM/ImageReward/med_config.json", defaults["imagereward_tokenizer"], defaults["qwenvl_model"]):
+        assert f"would download {expected}" in output

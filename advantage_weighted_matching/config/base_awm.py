@@ -16,6 +16,10 @@ field references (``one_step_per_epoch`` in the presets): overriding
 
 import ml_collections
 
+# The LAION aesthetic predictor's head (improved-aesthetic-predictor, ViT-L/14, MSE-trained linear MLP).
+AESTHETIC_HEAD_URL = ("https://github.com/christophschuhmann/improved-aesthetic-predictor/raw/main/"
+                      "sac%2Blogos%2Bava1-l14-linearMSE.pth")
+
 
 def micro_batches_per_epoch(config):
     """sample.train_batch_size // train.batch_size * sample.num_batches_per_epoch as a lazy
@@ -141,6 +145,19 @@ def get_config():
     rewards.remote_geneval_retries = 3  # retries after a connection error, timeout or HTTP 5xx (backoff 1, 2, 4 s)
     rewards.max_failure_fraction = 0.5  # fraction (0-1] of an epoch's reward calls failing that marks a failed epoch
     rewards.max_failed_epochs = 3  # failed epochs in a row before the run saves a checkpoint and stops
+    rewards.aesthetic_clip = "openai/clip-vit-large-patch14"  # aesthetic: CLIP ViT-L/14 model + processor
+    rewards.aesthetic_head = AESTHETIC_HEAD_URL  # aesthetic: LAION MLP head .pth, local path or URL (cached)
+    rewards.imagereward_model = "THUDM/ImageReward"  # ImageReward.pt + med_config.json: hub repo or local dir
+    rewards.imagereward_tokenizer = "bert-base-uncased"  # ImageReward's BLIP tokenizer (BERT uncased)
+    rewards.qwenvl_model = "Qwen/Qwen2.5-VL-7B-Instruct"  # qwenvl judge (in process)
+    rewards.qwenvl_dtype = "bfloat16"  # qwenvl judge dtype: float32 | float16 | bfloat16
+    rewards.qwenvl_max_new_tokens = 2048  # qwenvl: tokens the judge may generate per image
+    rewards.deqa_url = "http://127.0.0.1:18086"  # deqa: JSON DeQA-Score server
+    rewards.unifiedreward_url = "http://127.0.0.1:17140/v1"  # unifiedreward: OpenAI-compatible API base URL
+    rewards.unifiedreward_model = "UnifiedReward-7b-v1.5"  # unifiedreward: served model name
+    rewards.remote_timeout_s = 600.0  # deqa / unifiedreward: total seconds per request or batch, retries included
+    rewards.remote_retries = 3  # deqa / unifiedreward: retries (backoff 1, 2, 4 s ...) on errors, 5xx, 429
+    rewards.custom_options = ml_collections.ConfigDict()  # free-form settings for rewards from your own module
 
     config.lock()
     return config

@@ -21,6 +21,7 @@ ENUMS = {
     "prompt_fn": ("general_ocr", "geneval"),
     "mixed_precision": ("no", "fp16", "bf16"),
     "rewards.dtype": ("float32", "float16", "bfloat16"),
+    "rewards.qwenvl_dtype": ("float32", "float16", "bfloat16"),
 }
 DISCRETE_TIME_TYPES = ("discrete", "discrete_wo_init", "discrete_with_init")
 
@@ -75,6 +76,9 @@ RANGES = [
     ("rewards.remote_geneval_retries", lambda v: v >= 0, ">= 0"),
     ("rewards.max_failure_fraction", lambda v: 0 < v <= 1, "in (0, 1]"),
     ("rewards.max_failed_epochs", lambda v: v >= 1, ">= 1"),
+    ("rewards.qwenvl_max_new_tokens", lambda v: v >= 1, ">= 1"),
+    ("rewards.remote_timeout_s", lambda v: v > 0, "> 0"),
+    ("rewards.remote_retries", lambda v: v >= 0, ">= 0"),
 ]
 
 
@@ -216,6 +220,10 @@ def validate(config, num_processes):
         validate_reward_names(list(weights))
     except ValueError as error:
         errors.append(f"reward_fn: {error}")
+    for name, url_key in (("deqa", "deqa_url"), ("unifiedreward", "unifiedreward_url")):
+        url = config.rewards[url_key]
+        if name in weights and not (isinstance(url, str) and url.startswith(("http://", "https://"))):
+            errors.append(f"rewards.{url_key}={url!r} must be an http(s) URL (reward_fn uses {name!r})")
 
     if errors:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))

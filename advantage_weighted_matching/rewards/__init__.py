@@ -11,8 +11,16 @@ Public API (the training loop relies on exactly this):
   ``geneval`` only.
 * ``multi_score(device, reward_weights, reward_config=None)``: weighted sum of
   several rewards, see its docstring.
-* ``validate_reward_names(names)``: raises ValueError for unknown names.
+* ``validate_reward_names(names)``: raises ValueError for unknown names and
+  for custom rewards that do not resolve (``custom.py``).
 * ``reward_config_defaults()``: the ``config.rewards`` keys with defaults.
+
+Names: the built-ins in ``REWARDS`` (the reference's registry: ``geneval``,
+``ocr``, ``pickscore``, ``jpeg_compressibility``, ``jpeg_incompressibility``,
+``aesthetic``, ``imagereward``, ``qwenvl``, ``deqa``, ``unifiedreward``; plus
+``brightness`` and ``shapes`` for the CPU toys), or a reward from the user's
+own module, ``"package/module:function"`` (``custom.py`` documents the
+contract and its checks).
 
 This module imports nothing heavy (no torch, transformers or OCR engine):
 config validation imports it before any model loads. The reward modules are
@@ -50,8 +58,9 @@ def resolve_reward_config(reward_config):
     if batch_size < 1:
         raise ValueError(f"rewards.batch_size must be >= 1, got {batch_size}")
     resolved["batch_size"] = batch_size
-    if resolved["dtype"] not in ("float32", "float16", "bfloat16"):
-        raise ValueError(f"rewards.dtype must be float32, float16 or bfloat16, got {resolved['dtype']!r}")
+    for key in ("dtype", "qwenvl_dtype"):
+        if resolved[key] not in ("float32", "float16", "bfloat16"):
+            raise ValueError(f"rewards.{key} must be float32, float16 or bfloat16, got {resolved[key]!r}")
     return resolved
 
 
@@ -175,21 +184,70 @@ def _geneval_factory(device, reward_config):
     return make_geneval_scorer(device, config)
 
 
+def _jpeg_incompressibility_factory(device, reward_config):
+    from .jpeg import make_jpeg_incompressibility_scorer
+
+    return make_jpeg_incompressibility_scorer(device, resolve_reward_config(reward_config))
+
+
+def _aesthetic_factory(device, reward_config):
+    from .aesthetic import make_aesthetic_scorer
+
+    return make_aesthetic_scorer(device, resolve_reward_config(reward_config))
+
+
+def _imagereward_factory(device, reward_config):
+    from .imagereward import make_imagereward_scorer
+
+    return make_imagereward_scorer(device, resolve_reward_config(reward_config))
+
+
+def _qwenvl_factory(device, reward_config):
+    from .qwenvl import make_qwenvl_scorer
+
+    return make_qwenvl_scorer(device, resolve_reward_config(reward_config))
+
+
+def _deqa_factory(device, reward_config):
+    from .deqa import make_deqa_scorer
+
+    return make_deqa_scorer(device, resolve_reward_config(reward_config))
+
+
+def _unifiedreward_factory(device, reward_config):
+    from .unifiedreward import make_unifiedreward_scorer
+
+    return make_unifiedreward_scorer(device, resolve_reward_config(reward_config))
+
+
 REWARDS = {
     "jpeg_compressibility": _jpeg_factory,
+    "jpeg_incompressibility": _jpeg_incompressibility_factory,
     "brightness": _brightness_factory,
     "ocr": _ocr_factory,
     "pickscore": _pickscore_factory,
     "geneval": _geneval_factory,
     "shapes": _shapes_factory,
+    "aesthetic": _aesthetic_factory,
+    "imagereward": _imagereward_factory,
+    "qwenvl": _qwenvl_factory,
+    "deqa": _deqa_factory,
+    "unifiedreward": _unifiedreward_factory,
 }
 
 
 def validate_reward_names(names):
-    """Raise ValueError naming every unknown reward name and the known ones."""
-    unknown = [name for name in names if name not in REWARDS]
+    """Raise ValueError naming every unknown reward name and the known ones; a custom
+    reward (``"package/module:function"``) is imported and its signature checked."""
+    from .custom import is_custom_reward, resolve_custom_reward
+
+    unknown = [name for name in names if name not in REWARDS and not is_custom_reward(name)]
     if unknown:
-        raise ValueError(f"unknown reward name(s) {unknown}; known rewards: {sorted(REWARDS)}")
+        raise ValueError(f"unknown reward name(s) {unknown}; known rewards: {sorted(REWARDS)}, or a function of "
+                         f"your own as 'package/module:function'")
+    for name in names:
+        if is_custom_reward(name):
+            resolve_custom_reward(name)
 
 
 def multi_score(device, reward_weights, reward_config=None):
@@ -204,14 +262,23 @@ def multi_score(device, reward_weights, reward_config=None):
     ``num_failures`` (images that scored 0 because their scoring raised or
     returned a non-finite value; an image counts once per reward that failed on it).
     A reward whose whole call raises scores 0 for the batch and counts B
-    failures instead of ending the run.
+    failures instead of ending the run, except a custom reward's
+    ``RewardContractError`` (a bug in the user's function), which ends it.
+
+    Custom rewards (``"package/module:function"``) are built first and probed
+    once on a dummy batch (``custom.make_custom_scorer``), so a contract break
+    stops here, before any built-in reward model loads.
     """
+    from .custom import RewardContractError, is_custom_reward, make_custom_scorer
+
     weights = dict(reward_weights)
     validate_reward_names(list(weights))
     for name, weight in weights.items():
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
             raise ValueError(f"reward weight for {name!r} must be a finite number, got {weight!r}")
-    scorers = {name: REWARDS[name](device, reward_config) for name in weights}
+    resolved_config = resolve_reward_config(reward_config)
+    custom = {name: make_custom_scorer(name, device, resolved_config) for name in weights if is_custom_reward(name)}
+    scorers = {name: custom[name] if name in custom else REWARDS[name](device, reward_config) for name in weights}
 
     def score(images, prompts, metadata, only_strict=True):
         batch_size = len(prompts)
@@ -226,6 +293,8 @@ def multi_score(device, reward_weights, reward_config=None):
             try:
                 scores, extra = scorer(images, prompts, metadata, only_strict=only_strict)
                 scores = np.asarray(scores, dtype=np.float64).reshape(batch_size)
+            except RewardContractError:
+                raise
             except Exception as error:  # noqa: BLE001 - a reward outage must not end the run
                 logger.warning("%s reward failed on the whole batch of %d (scored 0): %r", name, batch_size, error)
                 scores, extra = np.zeros(batch_size, dtype=np.float64), {"num_failures": batch_size}

@@ -14,7 +14,8 @@ fields with -10 for other tags, ``num_failures``). ``serve_geneval`` runs the
 server side around any ``score_fn(images_uint8, metadata, only_strict)``,
 e.g. an in-process ``GenevalScorer`` on a machine that holds the detector.
 
-The client is bounded: every call has a total deadline
+The client is bounded (``http_client.BoundedJsonClient``, shared with the
+other remote rewards): every call has a total deadline
 (``rewards.remote_geneval_timeout_s``, retries included; a socket is shut
 down when it passes, so a server that drips bytes cannot hold it), a reply
 larger than ``MAX_REPLY_BYTES`` is refused unread, and a connection error,
@@ -27,15 +28,11 @@ counted in ``num_failures``); a reply of the wrong shape fails the batch.
 """
 
 import base64
-import http.client
 import io
 import json
 import logging
 import math
-import socket
 import threading
-import time
-import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
@@ -43,6 +40,7 @@ from PIL import Image
 
 from . import images_to_uint8_hwc
 from .geneval_rules import MAX_OBJECTS_PER_CLASS, geneval_fields
+from .http_client import BoundedJsonClient, RemoteRewardError
 
 logger = logging.getLogger(__name__)
 
@@ -54,12 +52,9 @@ BACKOFF_S = 1.0  # first retry delay; doubled after each failed attempt
 SCORE_RANGE = (1.0 - (MAX_OBJECTS_PER_CLASS - 1), 1.0)
 
 
-class RemoteGenevalError(RuntimeError):
-    """The server did not give a usable reply; `retry` says whether trying again may help."""
-
-    def __init__(self, message, retry=False):
-        super().__init__(message)
-        self.retry = retry
+# The server did not give a usable reply (``retry``: whether trying again may help); the
+# shared client's error, under the name this module's callers know.
+RemoteGenevalError = RemoteRewardError
 
 
 def encode_png_base64(image_uint8):
@@ -72,55 +67,6 @@ def encode_png_base64(image_uint8):
 def decode_png_base64(text):
     """base64 PNG -> uint8 [H, W, 3]."""
     return np.asarray(Image.open(io.BytesIO(base64.b64decode(text))).convert("RGB"))
-
-
-def post_json(url, body, deadline, max_bytes=MAX_REPLY_BYTES):
-    """POST `body` (bytes) and return the decoded JSON reply, all before `deadline`
-    (time.monotonic()). RemoteGenevalError on HTTP errors, oversized or invalid replies."""
-    parts = urllib.parse.urlsplit(url)
-    remaining = deadline - time.monotonic()
-    if remaining <= 0:
-        raise RemoteGenevalError("remote GenEval: deadline passed before the request")
-    connection_class = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
-    connection = connection_class(parts.hostname, parts.port, timeout=remaining)
-    watchdog = threading.Timer(remaining, _shut_down, [connection])  # the total deadline, whatever the server does
-    watchdog.daemon = True
-    watchdog.start()
-    try:
-        path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        connection.request("POST", path, body=body, headers={"Content-Type": "application/json"})
-        response = connection.getresponse()
-        declared = response.getheader("Content-Length")
-        if declared and declared.isdigit() and int(declared) > max_bytes:
-            raise RemoteGenevalError(f"remote GenEval reply of {int(declared)} bytes exceeds {max_bytes}")
-        data = response.read(max_bytes + 1)
-        if len(data) > max_bytes:
-            raise RemoteGenevalError(f"remote GenEval reply exceeds {max_bytes} bytes")
-        status = response.status
-    except (OSError, http.client.HTTPException) as error:
-        if time.monotonic() >= deadline - 1e-3:
-            raise RemoteGenevalError(f"remote GenEval: no complete reply within the deadline ({error!r})") from None
-        raise RemoteGenevalError(f"remote GenEval: {error!r}", retry=True) from None
-    finally:
-        watchdog.cancel()
-        connection.close()
-    if time.monotonic() > deadline:
-        raise RemoteGenevalError("remote GenEval: no complete reply within the deadline")
-    if status != 200:
-        raise RemoteGenevalError(f"remote GenEval: HTTP {status}: {data[:200]!r}", retry=status >= 500 or status == 429)
-    try:
-        return json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as error:
-        raise RemoteGenevalError(f"remote GenEval: reply is not JSON ({error})") from None
-
-
-def _shut_down(connection):
-    sock = connection.sock
-    if sock is not None:
-        try:
-            sock.shutdown(socket.SHUT_RDWR)  # wakes a read blocked on this socket
-        except OSError:
-            pass
 
 
 def _valid_score(value):
@@ -138,28 +84,17 @@ class RemoteGenevalClient:
     def __init__(self, url, timeout_s=REQUEST_TIMEOUT_S, retries=3, max_bytes=MAX_REPLY_BYTES, backoff_s=BACKOFF_S):
         if not url.startswith(("http://", "https://")):
             raise ValueError(f"remote_geneval_url must be an http(s) URL, got {url!r}")
-        self.url, self.timeout_s, self.retries, self.max_bytes, self.backoff_s = (
-            url, float(timeout_s), int(retries), int(max_bytes), float(backoff_s))
+        self.url = url
+        self.client = BoundedJsonClient(url, timeout_s=timeout_s, retries=retries, backoff_s=backoff_s,
+                                        max_bytes=max_bytes)
 
     def request(self, images_uint8, metadata, only_strict):
-        body = json.dumps(
-            {
-                "images": [encode_png_base64(image) for image in images_uint8],
-                "metadata": list(metadata),
-                "only_strict": bool(only_strict),
-            }
-        ).encode("utf-8")
-        deadline, delay = time.monotonic() + self.timeout_s, self.backoff_s
-        for attempt in range(self.retries + 1):
-            try:
-                return post_json(self.url, body, deadline, self.max_bytes)
-            except RemoteGenevalError as error:
-                wait = min(delay, deadline - time.monotonic())
-                if not error.retry or attempt == self.retries or wait <= 0:
-                    raise
-                logger.warning("%s; retry %d of %d in %.1f s", error, attempt + 1, self.retries, wait)
-                time.sleep(wait)
-                delay *= 2
+        """One bounded POST of the batch (http_client.BoundedJsonClient); the decoded reply."""
+        return self.client.post({
+            "images": [encode_png_base64(image) for image in images_uint8],
+            "metadata": list(metadata),
+            "only_strict": bool(only_strict),
+        })
 
     def score_batch(self, images, metadata, only_strict=True):
         images_uint8 = images_to_uint8_hwc(images)

@@ -133,7 +133,11 @@ def main(_):
     if config.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
 
-    # ---------------------------------------------------------------- models
+    # ---------------------------------------------------------------- rewards, then models
+    from advantage_weighted_matching.rewards import multi_score
+
+    # Before the diffusion model loads: a custom reward's contract probe fails here, in seconds.
+    reward_fn = multi_score(config.rewards.device or device, dict(config.reward_fn), config.rewards)
     backbone = get_backbone(config.pretrained.backbone)  # SD3 or FLUX: the model family's calls
     if config.pretrained.tiny_seed >= 0:
         if is_main:
@@ -171,9 +175,6 @@ def main(_):
     weight_ema = WeightEMA(policy_params, train_cfg.ema_decay, train_cfg.ema_update_step_interval) \
         if train_cfg.ema else None
 
-    from advantage_weighted_matching.rewards import multi_score
-
-    reward_fn = multi_score(config.rewards.device or device, dict(config.reward_fn), config.rewards)
     reward_executor = ThreadPoolExecutor(max_workers=1)
     train_sigmas = backbone.sigmas(pipeline, config.sample.num_steps, config.resolution)
     eval_sigmas = backbone.sigmas(pipeline, config.sample.eval_num_steps, config.resolution)
@@ -469,11 +470,12 @@ def cli_main(argv):
     """Command-line entry: bad input (exit 2) or a deliberate halt (exit 1) ends in one
     clear message from the first rank, not a traceback per rank."""
     from advantage_weighted_matching.prompts import PromptFileError
+    from advantage_weighted_matching.rewards.custom import RewardContractError
     from advantage_weighted_matching.runlock import release_all
 
     try:
         main(argv)
-    except (*preflight.USER_ERRORS, PromptFileError, TrainingHalted) as error:
+    except (*preflight.USER_ERRORS, PromptFileError, RewardContractError, TrainingHalted) as error:
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"train_sd3_awm: {error}", file=sys.stderr)
         sys.exit(1 if isinstance(error, TrainingHalted) else 2)
