@@ -167,10 +167,9 @@ def main(_):
         torch.backends.cuda.matmul.allow_tf32 = True
 
     # ---------------------------------------------------------------- models
-    if config.pretrained.tiny_seed >= 0:
-        from advantage_weighted_matching.tiny_sd3 import ensure_tiny_sd3
+    from advantage_weighted_matching.tiny_sd3 import ensure_local_pipeline
 
-        ensure_tiny_sd3(config.pretrained.model, config.pretrained.tiny_seed)
+    ensure_local_pipeline(config.pretrained)  # the tiny / toy CPU pipelines, built on first use
     pipeline = load_pipeline(config.pretrained.model, config.pretrained.revision, inference_dtype, device)
     if lora_dir:
         _load_lora(pipeline, lora_dir)

@@ -152,6 +152,12 @@ def _shapes_factory(device, reward_config):
     return make_shapes_scorer(device, resolve_reward_config(reward_config))
 
 
+def _scenes_factory(device, reward_config):
+    from .scenes import make_scenes_scorer
+
+    return make_scenes_scorer(device, resolve_reward_config(reward_config))
+
+
 def _ocr_factory(device, reward_config):
     from .ocr import make_ocr_scorer
 
@@ -182,6 +188,7 @@ REWARDS = {
     "pickscore": _pickscore_factory,
     "geneval": _geneval_factory,
     "shapes": _shapes_factory,
+    "scenes": _scenes_factory,
 }
 
 

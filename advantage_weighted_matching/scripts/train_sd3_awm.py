@@ -44,7 +44,8 @@ from advantage_weighted_matching.optim import build_lr_scheduler, build_optimize
 from advantage_weighted_matching.prompts import k_repeat_batch, load_prompts
 from advantage_weighted_matching.rollout import encode_prompts, flow_sigmas, load_pipeline, rollout, velocity
 from advantage_weighted_matching.timesteps import sample_train_times
-from advantage_weighted_matching.visualize import caption, image_grid
+from advantage_weighted_matching.tiny_sd3 import ensure_local_pipeline
+from advantage_weighted_matching.visualize import caption, image_grid, plot_reward_curve
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file and preset: path/to/file.py:PRESET.", lock_config=True)
@@ -124,12 +125,9 @@ def main(_):
         torch.backends.cuda.matmul.allow_tf32 = True
 
     # ---------------------------------------------------------------- models
-    if config.pretrained.tiny_seed >= 0:
-        from advantage_weighted_matching.tiny_sd3 import ensure_tiny_sd3
-
-        if is_main:
-            ensure_tiny_sd3(config.pretrained.model, config.pretrained.tiny_seed)
-        accelerator.wait_for_everyone()
+    if is_main:  # the tiny / toy CPU pipelines are built on first use
+        ensure_local_pipeline(config.pretrained)
+    accelerator.wait_for_everyone()
     inference_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
     pipeline = load_pipeline(config.pretrained.model, config.pretrained.revision, inference_dtype, device)
 
@@ -412,6 +410,7 @@ def main(_):
             with open(os.path.join(save_dir, "metrics.jsonl"), "a") as f:
                 record = {**train_log, **epoch_log, "global_step": global_step}
                 f.write(json.dumps({k: v for k, v in record.items() if isinstance(v, (int, float))}) + "\n")
+            plot_reward_curve(ckpt.read_metrics(save_dir), os.path.join(save_dir, "reward_curve.png"), run_name)
         logger.info(f"epoch {epoch}: reward {epoch_log['reward/avg']:.4f} " + " ".join(
             f"{key}={value:.1f}s" for key, value in timings.items()), main_process_only=True)
         last_epoch = epoch + 1 == config.num_epochs
