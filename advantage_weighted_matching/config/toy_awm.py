@@ -116,11 +116,27 @@ def toy_flow_grpo():
 
 
 def quickstart():
-    """AWM on the quick toy model, sized to show learning on 2 CPU cores within 2 minutes."""
+    """AWM on the quick toy model, sized to show learning within 2 minutes on 2 CPU cores.
+
+    The model (recipe "scenes_quick", built by the command on first use) is pretrained for
+    about 40 s on the 4 spatial-relation prompts of `dataset/toy_scenes_quick`; AWM then
+    fine-tunes it on them: two prompt groups of 16 images and one optimizer step per
+    epoch, evaluation on the 4 prompts x 8 start noises every 2 epochs. The eval reward
+    rises by about 0.3 over the 16 epochs (0.16-0.37 over 3 seeds; `tests/test_quickstart.py`).
+    """
     config = toy_awm()
     config.run_name = "quickstart"
     config.pretrained.model = QUICK_MODEL_DIR
     config.pretrained.toy_recipe = "scenes_quick"
+    config.dataset = dataset_dir("toy_scenes_quick")
+    config.num_epochs = 16
+    config.eval_freq = 2
+    config.log_image_freq = 4
+    config.sample.num_batches_per_epoch = 2
+    config.sample.eval_num_steps = 10
+    config.sample.num_eval_images = 32
+    config.train.gradient_accumulation_steps = 4  # 16 // 8 * 2: one optimizer step per epoch
+    config.train.learning_rate = 1e-2
     return config
 
 
@@ -135,13 +151,14 @@ DESCRIBED_KEYS = (
 
 
 def describe(algorithm):
-    """The compared hyperparameters of one preset, as a flat dict (for reports)."""
+    """The compared hyperparameters of one preset, as a flat dict (for reports). A key that
+    moved from `train.` to the top level (time_type, lora_type: SPEC 1) is found at either."""
     config = PRESETS[f"toy_{algorithm}"]()
     described = {}
     for key in DESCRIBED_KEYS:
         value = config
         for part in key.split("."):
-            value = value[part]
+            value = value[part] if part in value else config[part]
         described[key] = value
     return described
 

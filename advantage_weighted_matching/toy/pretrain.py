@@ -60,8 +60,11 @@ MAX_MINUTES = 10.0
 TASKS = ("shapes", "scenes")  # toy.<task> generator, rewards.<task> reward (same name in REWARDS)
 # Step counts of the cached pipelines (`ensure_toy_pipeline`); timings on one core of a 2-core machine.
 RECIPES = {
+    # the benchmark model, about 4.5 minutes: all 416 scenes prompts
     "scenes": {"task": "scenes", "vae_steps": 300, "transformer_steps": 1000, "num_images": 4096},
-    "scenes_quick": {"task": "scenes", "vae_steps": 100, "transformer_steps": 120, "num_images": 1024},
+    # the quick start's model, about 40 s: only its 4 prompts (toy.scenes.QUICKSTART_PROMPTS)
+    "scenes_quick": {"task": "scenes", "vae_steps": 80, "transformer_steps": 200, "num_images": 1024,
+                     "batch_size": 16, "prompts": "quickstart"},
 }
 
 
@@ -260,13 +263,14 @@ def train_transformer(
 
 def pretrain(
     out_dir, seed=0, task="scenes", vae_steps=300, transformer_steps=1000, num_images=4096, sizes=None,
-    max_minutes=None, recipe="",
+    max_minutes=None, recipe="", kinds=None, prompts=None, batch_size=32,
 ):
     """Build, train and save the toy pipeline to `out_dir`; returns the info dict (also
     saved as `toy_info.json`).
 
-    `vae_steps` / `transformer_steps` optimizer steps on `num_images` images of `task`
-    generated from `seed`. `max_minutes` (at most MAX_MINUTES; None: no cap) stops
+    `vae_steps` / `transformer_steps` optimizer steps of `batch_size` images, drawn from
+    `num_images` images of `task` generated from `seed` (scenes: of prompt `kinds`, default all,
+    or only `prompts`, "quickstart" for `toy.scenes.QUICKSTART_PROMPTS`). `max_minutes` (at most MAX_MINUTES; None: no cap) stops
     each phase early at its share of a wall-clock budget (the VAE a quarter), which
     makes the run depend on the machine's speed (``info["hit_time_cap"]``).
     """
@@ -276,16 +280,19 @@ def pretrain(
         raise ValueError(f"max_minutes must be in (0, {MAX_MINUTES}], got {max_minutes}")
     start = time.monotonic()
     end = start + 60.0 * max_minutes if max_minutes else float("inf")
-    sizes = sizes or ToySizes()
+    sizes = ToySizes(**sizes) if isinstance(sizes, dict) else (sizes or ToySizes())
     generator = torch.Generator().manual_seed(seed)
     pipeline = build_toy_pipeline(seed, sizes)
-    images_uint8, prompts, _ = task_module(task).make_dataset(num_images, seed)
+    if prompts == "quickstart":
+        from advantage_weighted_matching.toy.scenes import QUICKSTART_PROMPTS as prompts
+    subset = {key: value for key, value in (("kinds", kinds), ("prompts", prompts)) if value}
+    images_uint8, prompts, _ = task_module(task).make_dataset(num_images, seed, **subset)
     images = _to_model_range(images_uint8)
     timings = {"build_and_data_s": time.monotonic() - start}
 
     phase_start = time.monotonic()
     vae_deadline = phase_start + 0.25 * (end - phase_start)
-    vae_done, vae_mse = train_vae(pipeline.vae, images, vae_deadline, vae_steps, generator=generator)
+    vae_done, vae_mse = train_vae(pipeline.vae, images, vae_deadline, vae_steps, batch_size, generator=generator)
     pipeline.vae.requires_grad_(False)
     mean, std = encode_dataset(pipeline.vae, images)
     shift_factor = float(mean.mean())
@@ -301,14 +308,16 @@ def pretrain(
     prompt_index = torch.tensor([position[prompt] for prompt in prompts])
     ema, transformer_done, flow_loss = train_transformer(
         pipeline.transformer, latents_mean, latents_std, prompt_index, embeds, pooled, end, transformer_steps,
-        generator=generator,
+        batch_size, generator=generator,
     )
     pipeline.register_modules(transformer=ema)
     timings["transformer_s"] = time.monotonic() - phase_start
     timings["total_train_s"] = time.monotonic() - start
 
     info = {
-        "recipe": recipe, "task": task, "seed": seed, "num_images": num_images, "max_minutes": max_minutes,
+        "recipe": recipe, "task": task, **{key: list(value) for key, value in subset.items()}, "seed": seed,
+        "num_images": num_images,
+        "batch_size": batch_size, "max_minutes": max_minutes,
         "hit_time_cap": vae_done < vae_steps or transformer_done < transformer_steps,
         "torch_threads": torch.get_num_threads(), "sizes": dataclasses.asdict(sizes), "resolution": TOY_RESOLUTION,
         "max_sequence_length": sizes.text_length, "vae_steps": vae_done, "vae_reconstruction_mse": vae_mse,

@@ -52,6 +52,14 @@ PROMPT_GRAMMAR = (
 )
 
 
+# The quick start's prompts (config/toy_awm.py:quickstart): its toy model is pretrained on them
+# for about 40 s, and AWM then fine-tunes it on them (dataset/toy_scenes_quick).
+QUICKSTART_PROMPTS = (
+    "a red circle left of a blue square", "a green square above a yellow circle",
+    "a blue circle right of a red circle", "a yellow square below a green square",
+)
+
+
 class ScenePromptError(ValueError):
     """A prompt outside the scenes grammar (the message quotes it and the grammar)."""
 
@@ -73,9 +81,9 @@ def _group(count, color, shape):
     return {"count": int(count), "color": color, "shape": shape}
 
 
-def sample_spec(rng):
-    """A random spec from numpy Generator `rng`: kind uniform, then its fields uniform."""
-    kind = KINDS[rng.integers(len(KINDS))]
+def sample_spec(rng, kinds=KINDS):
+    """A random spec from numpy Generator `rng`: kind uniform over `kinds`, then its fields uniform."""
+    kind = kinds[rng.integers(len(kinds))]
     shape = lambda: SHAPES[rng.integers(len(SHAPES))]  # noqa: E731
     if kind == "count":
         return {"kind": kind, "objects": [_group(COUNTS[rng.integers(len(COUNTS))], COLORS[rng.integers(4)], shape())],
@@ -200,13 +208,15 @@ def render(spec, rng, resolution=RESOLUTION):
     return image
 
 
-def make_dataset(n, seed):
-    """(images uint8 [n, 32, 32, 3], prompts list[str], specs list[dict]) from seed `seed`."""
+def make_dataset(n, seed, kinds=KINDS, prompts=None):
+    """(images uint8 [n, 32, 32, 3], prompts list[str], specs list[dict]) from seed `seed`:
+    prompt kinds drawn uniformly from `kinds`, or, given `prompts`, prompts drawn uniformly from those."""
     rng = np.random.default_rng(seed)
+    choices = [parse_prompt(p) for p in prompts] if prompts else None
     images = np.empty((n, RESOLUTION, RESOLUTION, 3), dtype=np.uint8)
     prompts, specs = [], []
     for index in range(n):
-        spec = sample_spec(rng)
+        spec = choices[rng.integers(len(choices))] if choices else sample_spec(rng, tuple(kinds))
         images[index] = render(spec, rng)
         prompts.append(prompt_for(spec))
         specs.append(spec)
@@ -219,6 +229,16 @@ def balanced_prompts(n, seed):
     rng = np.random.default_rng([seed, 1])
     orders = {kind: [all_specs(kind)[i] for i in rng.permutation(len(all_specs(kind)))] for kind in KINDS}
     return [prompt_for(orders[KINDS[i % 3]][(i // 3) % len(orders[KINDS[i % 3]])]) for i in range(n)]
+
+
+def write_quickstart_prompts(directory, repeats=8):
+    """`train.txt`: the QUICKSTART_PROMPTS; `test.txt`: them `repeats` times (each repeat is
+    evaluated from other start noise). Returns `directory`."""
+    os.makedirs(directory, exist_ok=True)
+    for name, prompts in (("train.txt", QUICKSTART_PROMPTS), ("test.txt", QUICKSTART_PROMPTS * repeats)):
+        with open(os.path.join(directory, name), "w", encoding="utf-8") as f:
+            f.write("\n".join(prompts) + "\n")
+    return directory
 
 
 def write_prompt_files(directory, n_train=1000, n_test=64, seed=0):
