@@ -68,13 +68,16 @@ def speedup(awm_x, awm_reward, flow_grpo_x, flow_grpo_reward, window=3):
     """Flow-GRPO's x (wall-clock or images) to reach its final smoothed reward / AWM's x to
     first reach that value, on the seed-mean curves. Inputs [S, E] (seeds x evaluations).
 
-    Returns (speedup, target, flow_grpo_x, awm_x); speedup 0 when AWM never reaches it.
+    Returns (speedup, target, flow_grpo_x, awm_x); speedup 0 when AWM never reaches it, 1 when
+    both start there (Flow-GRPO never improved on the shared starting point; inf if only AWM does).
     """
     fg = smooth(np.mean(flow_grpo_reward, axis=0), window)
     aw = smooth(np.mean(awm_reward, axis=0), window)
     target = float(fg[-1])
     t_fg = time_to_reach(np.mean(flow_grpo_x, axis=0), fg, target)
     t_aw = time_to_reach(np.mean(awm_x, axis=0), aw, target)
+    if t_aw == 0:
+        return (1.0 if t_fg == 0 else float("inf")), target, t_fg, t_aw
     return (t_fg / t_aw if np.isfinite(t_aw) else 0.0), target, t_fg, t_aw
 
 

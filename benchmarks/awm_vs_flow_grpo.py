@@ -48,9 +48,12 @@ ALGORITHMS = ("awm", "flow_grpo")
 TRAIN_SCRIPT = os.path.join(REPO, "advantage_weighted_matching", "scripts", "train_sd3_awm.py")
 PRESETS = os.path.join(REPO, "advantage_weighted_matching", "config", "toy_awm.py")
 # seeds, epochs, parallel processes (0: all at once), epochs between gradient-variance checkpoints
+# and prompt groups of 16 images per gradient-variance measurement. CPU: about 15 minutes on an idle
+# 2-core machine with the toy model cached, plus about 5 to pretrain it (estimated from per-epoch timings).
 MODES = {
-    "gpu": {"seeds": [1, 2, 3, 4, 5], "epochs": 60, "workers": 0, "grad_every": 20, "lr_epochs": 30},
-    "cpu": {"seeds": [1, 2], "epochs": 10, "workers": 2, "grad_every": 5, "lr_epochs": 8},
+    "gpu": {"seeds": [1, 2, 3, 4, 5], "epochs": 60, "workers": 0, "grad_every": 20, "grad_prompts": 8,
+            "lr_epochs": 30},
+    "cpu": {"seeds": [1, 2], "epochs": 20, "workers": 2, "grad_every": 10, "grad_prompts": 4, "lr_epochs": 12},
 }
 LEARNING_RATES = (1e-3, 3e-3, 1e-2)
 SMOOTH_WINDOW = 3  # evaluations in the trailing mean of the speedup
@@ -122,15 +125,29 @@ def read_curve(save_dir, images_per_epoch, base_dir=None):
         with open(os.path.join(base_dir, "summary.json")) as f:
             base = json.load(f)
         curve = {**curve, "epoch": [0] + curve["epoch"], "wall_s": [0.0] + curve["wall_s"],
-                 "eval_reward": [base["rewards"]["avg"]] + curve["eval_reward"]}
+                 "eval_reward": [base["rewards"]["avg"]] + curve["eval_reward"], "eval_images": base["num_images"]}
     curve["images"] = [e * images_per_epoch for e in curve["epoch"]]
     return curve
 
 
-def images_per_epoch():
-    from advantage_weighted_matching.config.toy_awm import toy_awm
+def preset(algorithm, overrides=()):
+    """The toy preset of `algorithm` with the runs' ``--config.key=value`` overrides applied."""
+    from advantage_weighted_matching.config import toy_awm
 
-    config = toy_awm()
+    config = toy_awm.get_config(f"toy_{algorithm}")
+    for item in overrides:
+        key, _, value = item.removeprefix("--config.").partition("=")
+        *parents, leaf = key.split(".")
+        target = config
+        for parent in parents:
+            target = target[parent]
+        old = target[leaf]
+        target[leaf] = value.lower() in ("1", "true") if isinstance(old, bool) else type(old)(value)
+    return config
+
+
+def images_per_epoch(overrides=()):
+    config = preset("awm", overrides)
     return config.sample.train_batch_size * config.sample.num_batches_per_epoch
 
 
@@ -165,7 +182,7 @@ def analyse(curves, window=SMOOTH_WINDOW, num_resamples=2000):
     return report
 
 
-def plot(curves, report, grad_records, path, mode):
+def plot(curves, report, grad_records, path, mode, eval_images):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -185,7 +202,7 @@ def plot(curves, report, grad_records, path, mode):
         axis.axhline(s["flow_grpo_target_reward"], color="grey", ls=":", lw=1)
         axis.set_title(f"speedup {s['estimate']:.2f} (95% CI {s['ci95'][0]:.2f}-{s['ci95'][1]:.2f})", fontsize=9)
         axis.set_xlabel(label)
-        axis.set_ylabel("eval reward (64 fixed prompts, ODE)")
+        axis.set_ylabel(f"eval reward ({eval_images} fixed prompts, ODE)")
     for a in ALGORITHMS:  # estimator a, measured along the training run of each method
         for run in [run for run in ALGORITHMS if any(r["run"] == run for r in grad_records)]:
             rows = sorted((r for r in grad_records if r["run"] in (run, "base")), key=lambda r: r["epoch"])
@@ -198,7 +215,6 @@ def plot(curves, report, grad_records, path, mode):
     n = grad_records[0]["num_images"] if grad_records else 0
     axes[1, 0].set_ylabel(f"cosine between half-batch gradients ({n} images)")
     axes[1, 1].set_ylabel("per-sample gradient variance / squared mean norm")
-    axes[1, 1].set_yscale("log")
     for axis in axes.flat:
         axis.grid(alpha=0.3)
         axis.legend(fontsize=7)
@@ -242,7 +258,7 @@ def lr_search(args):
             for a in ALGORITHMS for lr in args.lrs}
     started = time.time()
     run_jobs(list(jobs.values()), settings["workers"])
-    per_epoch = images_per_epoch()
+    per_epoch = images_per_epoch(args.overrides)
     results = {a: {} for a in ALGORITHMS}
     for (a, lr), (save_dir, _) in jobs.items():
         curve = read_curve(save_dir, per_epoch)
@@ -286,6 +302,7 @@ def run(args):
     rates, rate_source = learning_rates(args)
     seeds, epochs = settings["seeds"], settings["epochs"]
     grad_every = args.grad_every if args.grad_every is not None else settings["grad_every"]
+    grad_prompts = args.grad_prompts or settings["grad_prompts"]
     out = os.path.join(args.out, args.mode)
     runs, jobs = {}, []
     for seed in seeds:  # both methods of a seed side by side: they see the same machine load
@@ -296,10 +313,11 @@ def run(args):
     for seed in seeds:
         jobs.append(base_eval_job("awm", seed, os.path.join(out, f"base_eval_seed{seed}"), extra))
     started = time.time()
-    run_jobs(jobs, settings["workers"])
+    if not args.reuse_runs:
+        run_jobs(jobs, settings["workers"])
     train_s = time.time() - started
 
-    per_epoch = images_per_epoch()
+    per_epoch = images_per_epoch(args.overrides)
     curves = {a: [read_curve(runs[a, s][0], per_epoch, os.path.join(out, f"base_eval_seed{s}")) for s in seeds]
               for a in ALGORITHMS}
     report = analyse(curves)
@@ -310,11 +328,12 @@ def run(args):
         import torch
 
         torch.set_num_threads(max(1, settings["workers"] or os.cpu_count()))
+        configs = tuple(preset(a, extra) for a in ALGORITHMS)
         checkpoints = [("base", 0, None)] + [
             (a, e, os.path.join(runs[a, seeds[0]][0], "checkpoints", f"checkpoint-{e:06d}", "lora"))
             for a in ALGORITHMS for e in range(grad_every, epochs + 1, grad_every)]
         for run_name, epoch, lora in checkpoints:
-            record = grad_variance.measure(model_dir, lora, args.grad_prompts, seed=seeds[0])
+            record = grad_variance.measure(model_dir, lora, grad_prompts, seed=seeds[0], configs=configs)
             grad_records.append({"run": run_name, "epoch": epoch, **record})
             print(f"gradient variance, {run_name} run at epoch {epoch}: " + ", ".join(
                 f"{a} cos {record[a]['half_batch_cosine']:.3f} var/mean^2 {record[a]['variance_over_squared_mean']:.1f}"
@@ -323,10 +342,11 @@ def run(args):
 
     os.makedirs(args.results, exist_ok=True)
     path = os.path.join(args.results, f"awm_vs_flow_grpo_{args.mode}")
-    plot(curves, report, grad_records, path + ".png", args.mode)
+    eval_images = curves["awm"][0]["eval_images"]
+    plot(curves, report, grad_records, path + ".png", args.mode, eval_images)
     result = {
         "mode": args.mode, "device": _device(), "seeds": seeds, "epochs": epochs, "images_per_epoch": per_epoch,
-        "group_size": toy_awm.toy_awm().sample.num_image_per_prompt, "eval_prompts": 64,
+        "group_size": preset("awm", args.overrides).sample.num_image_per_prompt, "eval_prompts": eval_images,
         "learning_rate": {a: rates[a] or toy_awm.describe(a)["train.learning_rate"] for a in ALGORITHMS},
         "learning_rate_source": rate_source, **report, "grad_variance": grad_records, "curves": curves,
         "epoch_wall_s": {a: float(np.mean([c["epoch_wall_s"] for c in curves[a]])) for a in ALGORITHMS},
@@ -361,13 +381,15 @@ def main(argv=None):
     run_parser.add_argument("--lr-from", default="", help="lr-search JSON (default: results/lr_search_<mode>.json)")
     run_parser.add_argument("--grad-every", type=int, default=None, help="epochs between gradient checkpoints "
                             "(0: none; default: the mode's)")
-    run_parser.add_argument("--grad-prompts", type=int, default=4, help="prompt groups of 16 images per measurement")
+    run_parser.add_argument("--grad-prompts", type=int, default=None, help="prompt groups of 16 images per "
+                            "gradient-variance measurement (default: the mode's)")
+    run_parser.add_argument("--reuse-runs", action="store_true", help="analyse the finished runs in --out again")
     search_parser.add_argument("--seed", type=int, default=1)
     search_parser.add_argument("--lrs", type=float, nargs="+", default=list(LEARNING_RATES))
     args, overrides = parser.parse_known_args(argv)
     args.overrides = overrides
     sys.path.insert(0, HERE)
-    (run if args.command == "run" else lr_search)(args)
+    return (run if args.command == "run" else lr_search)(args)
 
 
 if __name__ == "__main__":

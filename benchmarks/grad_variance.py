@@ -59,9 +59,10 @@ def rollout_batch(pipeline, transformer, config, prompts, seed, device):
     return {key: torch.cat(value) for key, value in out.items()} | {"sigmas": sigmas}
 
 
-def measure(model_dir, lora_dir=None, num_prompts=4, seed=0, num_splits=64, device=None):
+def measure(model_dir, lora_dir=None, num_prompts=4, seed=0, num_splits=64, device=None, configs=None):
     """Estimator statistics of both methods on one rollout batch of the policy `lora_dir`
-    (None: the base model) -> dict (see the module docstring)."""
+    (None: the base model) -> dict (see the module docstring). `configs`: the (toy_awm,
+    toy_flow_grpo) configs the runs used (default: the presets)."""
     from advantage_weighted_matching.advantages import clip_advantages, group_advantages
     from advantage_weighted_matching.config.toy_awm import toy_awm, toy_flow_grpo
     from advantage_weighted_matching.lora import adapter_parameters, add_lora, load_adapter, lora_config
@@ -71,7 +72,7 @@ def measure(model_dir, lora_dir=None, num_prompts=4, seed=0, num_splits=64, devi
     from advantage_weighted_matching.timesteps import sample_train_times
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    awm, flow_grpo = toy_awm(), toy_flow_grpo()
+    awm, flow_grpo = configs or (toy_awm(), toy_flow_grpo())
     started = time.perf_counter()
     pipeline = load_pipeline(model_dir, "main", torch.float32, device)
     train = awm.train

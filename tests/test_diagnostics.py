@@ -63,6 +63,8 @@ def test_speedup_on_constructed_curves():
     awm_seeds = np.array([[0.0, 0.3, 0.5, 0.5, 0.5], [0.0, 0.5, 0.5, 0.5, 0.5]])
     assert d.speedup(np.repeat(x, 2, 0), awm_seeds, x, flow_grpo, window=1)[0] == 2.0
     assert d.time_to_reach([1, 2, 3], [0.1, 0.2, 0.3], 0.2) == 2.0
+    flat = np.array([[0.3, 0.2, 0.25, 0.3, 0.1]])  # Flow-GRPO ends below the shared start
+    assert d.speedup(x, np.array([[0.3, 0.5, 0.5, 0.5, 0.5]]), x, flat, window=1)[0] == 1.0
 
 
 # ---- gradient statistics ----------------------------------------------------------------------
