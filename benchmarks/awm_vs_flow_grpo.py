@@ -49,7 +49,7 @@ TRAIN_SCRIPT = os.path.join(REPO, "advantage_weighted_matching", "scripts", "tra
 PRESETS = os.path.join(REPO, "advantage_weighted_matching", "config", "toy_awm.py")
 # seeds, epochs, parallel processes (0: all at once), epochs between gradient-variance checkpoints
 # and prompt groups of 16 images per gradient-variance measurement. CPU: about 15 minutes on an idle
-# 2-core machine with the toy model cached, plus about 5 to pretrain it (estimated from per-epoch timings).
+# 2-core machine with the toy model cached, plus about 3.5 to pretrain it (estimated from per-epoch timings).
 MODES = {
     "gpu": {"seeds": [1, 2, 3, 4, 5], "epochs": 60, "workers": 0, "grad_every": 20, "grad_prompts": 8,
             "lr_epochs": 30},
@@ -269,7 +269,7 @@ def lr_search(args):
         "criterion": "final eval reward = mean of the last two evaluations (64 fixed prompts, ODE)",
         "best": best, "results": results, "model": model_dir, "overrides": args.overrides,
         "hyperparameters": {a: toy_awm.describe(a) for a in ALGORITHMS},
-        "pretrain_or_cache_s": pretrain_s, "search_s": time.time() - started, "command": " ".join(sys.argv),
+        "pretrain_or_cache_s": pretrain_s, "search_s": time.time() - started, "command": args.command_line,
     }
     os.makedirs(args.results, exist_ok=True)
     path = os.path.join(args.results, f"lr_search_{args.mode}.json")
@@ -353,7 +353,7 @@ def run(args):
         "hyperparameters": {a: toy_awm.describe(a) for a in ALGORITHMS}, "model": model_dir,
         "overrides": args.overrides, "timings": {"pretrain_or_cache_s": pretrain_s, "train_s": train_s,
                                                  "grad_variance_s": grad_s},
-        "command": " ".join(sys.argv),
+        "command": args.command_line,
     }
     with open(path + ".json", "w") as f:
         json.dump(result, f, indent=1)
@@ -388,6 +388,7 @@ def main(argv=None):
     search_parser.add_argument("--lrs", type=float, nargs="+", default=list(LEARNING_RATES))
     args, overrides = parser.parse_known_args(argv)
     args.overrides = overrides
+    args.command_line = " ".join(["python benchmarks/awm_vs_flow_grpo.py", *(sys.argv[1:] if argv is None else argv)])
     sys.path.insert(0, HERE)
     return (run if args.command == "run" else lr_search)(args)
 
