@@ -48,12 +48,13 @@ ALGORITHMS = ("awm", "flow_grpo")
 TRAIN_SCRIPT = os.path.join(REPO, "advantage_weighted_matching", "scripts", "train_sd3_awm.py")
 PRESETS = os.path.join(REPO, "advantage_weighted_matching", "config", "toy_awm.py")
 # seeds, epochs, parallel processes (0: all at once), epochs between gradient-variance checkpoints
-# and prompt groups of 16 images per gradient-variance measurement. CPU: about 15 minutes on an idle
-# 2-core machine with the toy model cached, plus about 3.5 to pretrain it (estimated from per-epoch timings).
+# and prompt groups of 16 images per gradient-variance measurement. CPU: about 15 minutes on a 2-core
+# machine with the toy model cached, plus 3.5 to pretrain it (estimated from measured epochs: AWM 17 s,
+# Flow-GRPO 15 s before SPEC 7's every-step training, about 24 s after; an evaluation 5 s).
 MODES = {
     "gpu": {"seeds": [1, 2, 3, 4, 5], "epochs": 60, "workers": 0, "grad_every": 20, "grad_prompts": 8,
             "lr_epochs": 30},
-    "cpu": {"seeds": [1, 2], "epochs": 20, "workers": 2, "grad_every": 10, "grad_prompts": 4, "lr_epochs": 12},
+    "cpu": {"seeds": [1, 2], "epochs": 12, "workers": 2, "grad_every": 6, "grad_prompts": 4, "lr_epochs": 8},
 }
 LEARNING_RATES = (1e-3, 3e-3, 1e-2)
 SMOOTH_WINDOW = 3  # evaluations in the trailing mean of the speedup

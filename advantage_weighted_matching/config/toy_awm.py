@@ -11,11 +11,13 @@ and share every size: the SD3.5 presets scaled down the same way for both (14 ->
 10 sampling steps, groups of 24 -> 16 images, 6 -> 16 images per rollout batch
 on one process, 8 prompt groups = 128 images per epoch, micro-batch 8, 6 -> 4
 training timesteps, LoRA rank 32 -> 8 with alpha / rank = 2, one optimizer step
-per epoch, same learning rate), evaluated on the 64 fixed test prompts with the
-deterministic Euler ODE. Each keeps its own published method settings: AWM as
+per epoch, learning rate 3e-3 unless the benchmark's LR search, the same grid for
+both, picks another per method), evaluated on the 64 fixed test prompts with the
+deterministic Euler ODE every 2 epochs. Each keeps its own published method settings: AWM as
 in `dgx_awm.py` (SA-Solver with noise 0.4, ghuber weighting, clip 1, KL-EMA,
 beta 0.001); Flow-GRPO as in SPEC 7 (SDE rollouts with noise 0.7, per-step
-ratios clipped at 1e-4, KL to the base model).
+ratios clipped at 1e-4, KL to the base model; its algorithm settings belong to the
+SPEC 7 baseline).
 
 `quickstart` is the README's first command: AWM on the quick toy model (built
 by the command itself in about 40 s on first use) that shows the eval reward
