@@ -90,7 +90,8 @@ def measure(model_dir, lora_dir=None, num_prompts=4, seed=0, num_splits=64, devi
     rewards, _ = multi_score(device, dict(awm.reward_fn))(batch["images"], prompts, [{}] * len(prompts))
     advantages = group_advantages(prompts, rewards["avg"], awm.per_prompt_stat_tracking, awm.sample.global_std)[0]
     adv = {name: torch.as_tensor(clip_advantages(advantages, c.train.adv_clip_max, c.train.advantage_max),
-                                 device=device, dtype=torch.float32) for name, c in (("awm", awm), ("flow_grpo", flow_grpo))}
+                                 device=device, dtype=torch.float32)
+           for name, c in (("awm", awm), ("flow_grpo", flow_grpo))}
     rollout_s = time.perf_counter() - started
 
     sigmas = batch["sigmas"]

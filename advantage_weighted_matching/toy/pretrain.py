@@ -270,9 +270,9 @@ def pretrain(
 
     `vae_steps` / `transformer_steps` optimizer steps of `batch_size` images, drawn from
     `num_images` images of `task` generated from `seed` (scenes: of prompt `kinds`, default all,
-    or only `prompts`, "quickstart" for `toy.scenes.QUICKSTART_PROMPTS`). `max_minutes` (at most MAX_MINUTES; None: no cap) stops
-    each phase early at its share of a wall-clock budget (the VAE a quarter), which
-    makes the run depend on the machine's speed (``info["hit_time_cap"]``).
+    or only `prompts`, "quickstart" for `toy.scenes.QUICKSTART_PROMPTS`). `max_minutes` (at most
+    MAX_MINUTES; None: no cap) stops each phase early at its share of a wall-clock budget (the
+    VAE a quarter), which makes the run depend on the machine's speed (``info["hit_time_cap"]``).
     """
     from advantage_weighted_matching.rollout import encode_prompts
 
