@@ -245,6 +245,18 @@ class Flux(SD3):
 BACKBONES = {"sd3": SD3, "flux": Flux}
 
 
+def ensure_local_pipeline(pretrained):
+    """Build the CPU pipeline a preset names at ``pretrained.model`` if it is missing: a tiny random
+    one of the preset's backbone (``pretrained.tiny_seed >= 0``) or a pretrained toy SD3
+    (``pretrained.toy_recipe``, `toy.pretrain.RECIPES`). Other configs (hub models) are left alone."""
+    if pretrained.tiny_seed >= 0:
+        get_backbone(pretrained.backbone).ensure_tiny(pretrained.model, pretrained.tiny_seed)
+    elif pretrained.toy_recipe:
+        from advantage_weighted_matching.toy.pretrain import ensure_toy_pipeline
+
+        ensure_toy_pipeline(pretrained.model, pretrained.toy_recipe)
+
+
 def get_backbone(name):
     if name not in BACKBONES:
         raise ValueError(f"pretrained.backbone={name!r} is not one of {sorted(BACKBONES)}")

@@ -156,7 +156,7 @@ def main(_):
 
     from advantage_weighted_matching.evaluation import evaluate, summarize
     from advantage_weighted_matching.prompts import eval_indices
-    from advantage_weighted_matching.backbones import get_backbone
+    from advantage_weighted_matching.backbones import ensure_local_pipeline, get_backbone
     from advantage_weighted_matching.visualize import caption, image_grid
 
     start = time.perf_counter()
@@ -168,8 +168,7 @@ def main(_):
 
     # ---------------------------------------------------------------- models
     backbone = get_backbone(config.pretrained.backbone)
-    if config.pretrained.tiny_seed >= 0:
-        backbone.ensure_tiny(config.pretrained.model, config.pretrained.tiny_seed)
+    ensure_local_pipeline(config.pretrained)  # the tiny / toy CPU pipelines, built on first use
     pipeline = backbone.load_pipeline(config.pretrained.model, config.pretrained.revision, inference_dtype, device)
     if lora_dir:
         _load_lora(pipeline, lora_dir)

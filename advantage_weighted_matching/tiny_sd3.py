@@ -26,7 +26,21 @@ T5_DIM = 32
 MAX_LENGTH_CLIP = 77
 
 
-def _clip_tokenizer():
+def _bpe(symbols, merges):
+    """Byte-pair encoding of a symbol list: repeatedly merge the adjacent pair of best rank."""
+    rank = {pair: index for index, pair in enumerate(merges)}
+    while len(symbols) > 1:
+        pairs = [(rank.get(pair, len(rank)), i) for i, pair in enumerate(zip(symbols, symbols[1:]))]
+        best, i = min(pairs)
+        if best == len(rank):
+            break
+        symbols = symbols[:i] + [symbols[i] + symbols[i + 1]] + symbols[i + 2:]
+    return symbols
+
+
+def _clip_tokenizer(words=()):
+    """Character-level CLIP BPE; each of `words` (lowercase) additionally becomes one token
+    through a chain of merges (toy pipelines: whole-word prompts fit a short sequence)."""
     from transformers import CLIPTokenizer
 
     # Byte-level-ish BPE over printable characters; a few merges so that BPE
@@ -37,6 +51,11 @@ def _clip_tokenizer():
         vocab.setdefault(c, len(vocab))
         vocab.setdefault(c + "</w>", len(vocab))
     merges = [("t", "h"), ("th", "e</w>"), ("a", "n"), ("an", "d</w>"), ("o", "f</w>"), ("i", "n")]
+    for word in words:  # what BPE leaves of the word so far, then merged left to right
+        symbols = _bpe(list(word[:-1]) + [word[-1] + "</w>"], merges)
+        for symbol in symbols[1:]:
+            merges.append((symbols[0], symbol))
+            symbols[0] += symbol
     for a, b in merges:
         vocab.setdefault(a + b, len(vocab))
     vocab["<|startoftext|>"] = len(vocab)
@@ -45,13 +64,15 @@ def _clip_tokenizer():
     return tokenizer
 
 
-def _t5_tokenizer():
+def _t5_tokenizer(words=()):
+    """Character-level T5 Unigram; each of `words` is also one piece ("\u2581word", best score)."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
     from transformers import T5TokenizerFast
 
     pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
     pieces += [("\u2581" + c, -2.0) for c in string.ascii_lowercase]
     pieces += [(c, -3.0) for c in string.ascii_letters + string.digits + string.punctuation]
+    pieces += [("\u2581" + word, -1.0) for word in words if len(word) > 1]  # "\u2581a" is there already
     model = models.Unigram(pieces, unk_id=2, byte_fallback=False)
     backend = Tokenizer(model)
     backend.normalizer = normalizers.NFKC()

@@ -38,3 +38,43 @@ def image_grid(images, captions=(), columns=None, caption_lines=3, tile=256):
 def caption(prompt, reward):
     return f"{reward:.3f} | {prompt}"
 
+
+
+def plot_reward_curve(records, path, title=""):
+    """Write `path` (PNG): the training reward (``reward/avg``, every epoch) and the eval
+    reward (``eval/avg``, and ``eval_ema/avg`` when logged) against the epoch, from the
+    per-epoch metrics records (`checkpoint.read_metrics`). Atomic (temp file + rename).
+
+    Returns `path`, or None when matplotlib is missing (the plot is optional; it is a
+    core dependency of the package, so this only happens in a stripped environment).
+    """
+    import logging
+    import os
+
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        logging.getLogger(__name__).warning("matplotlib is not installed: no %s", path)
+        return None
+    figure, axis = plt.subplots(figsize=(6, 4))
+    epochs = [r["epoch"] + 1 for r in records]  # after the epoch's update
+    axis.plot(epochs, [r["reward/avg"] for r in records], color="tab:grey", marker=".", lw=1,
+              label="train reward (this epoch's rollouts)")
+    for key, colour in (("eval/avg", "tab:blue"), ("eval_ema/avg", "tab:green")):
+        points = [(r["epoch"] + 1, r[key]) for r in records if key in r]
+        if points:
+            axis.plot(*zip(*points), color=colour, marker="o", label=f"{key.split('/')[0]} reward (test prompts)")
+    axis.set_xlabel("epoch")
+    axis.set_ylabel("reward")
+    axis.set_title(title, fontsize=9)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    temp = f"{path}.tmp.png"
+    figure.savefig(temp, dpi=100)
+    plt.close(figure)
+    os.replace(temp, path)
+    return path

@@ -1,9 +1,12 @@
-"""The overhead benchmark's timer (issue F.4): it must count the backward pass and every model call."""
+"""The benchmarks: the overhead timer (issue F.4) must count the backward pass and every model
+call; the AWM vs Flow-GRPO benchmark (issue H) runs every path at smoke size."""
 
+import json
 import os
 import sys
 import time
 
+import pytest
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
@@ -54,3 +57,69 @@ def test_trainer_overhead_hooks_every_model_call(tiny_sd3_dir):
     # per micro-batch: policy, reference and KL-EMA forwards, then the backward
     assert report["model_calls"] == batches * (3 + steps + 1) + micro_batches * 4
     assert 1.0 < report["trainer_overhead"] < 3.0
+
+
+# ---- AWM vs Flow-GRPO (issue H): every path of the benchmark at smoke size -------------------------
+
+# Smoke sizes for both presets: 2 rollout batches of 16 (one optimizer step per epoch), 6 sampling
+# steps, 16 eval prompts at 4 Euler steps, an eval every epoch.
+SMOKE = ["--config.sample.num_steps=6", "--config.sample.eval_num_steps=4", "--config.sample.num_eval_images=16",
+         "--config.sample.num_batches_per_epoch=2", "--config.train.gradient_accumulation_steps=4",
+         "--config.eval_freq=1"]
+
+
+@pytest.fixture(scope="module")
+def smoke_toy_model(tmp_path_factory):
+    """A small, barely trained toy pipeline (the benchmark needs the toy tokenizers and shapes only)."""
+    from advantage_weighted_matching.toy.pretrain import ToySizes, pretrain
+
+    out = tmp_path_factory.mktemp("toy") / "pipeline"
+    threads = torch.get_num_threads()
+    try:
+        pretrain(str(out), vae_steps=1, transformer_steps=2, num_images=16,
+                 sizes=ToySizes(vae_channels=(8, 16), transformer_layers=2, heads=2))
+    finally:
+        torch.set_num_threads(threads)
+    return str(out)
+
+
+@pytest.mark.slow
+def test_awm_vs_flow_grpo_smoke(tmp_path, smoke_toy_model, monkeypatch):
+    import awm_vs_flow_grpo as bench
+
+    from advantage_weighted_matching import rewards
+
+    def brightness_reward(device, weights, config=None):  # the barely trained model scores 0 on "scenes"
+        return lambda images, prompts, metadata, only_strict=True: (
+            {"avg": images.float().mean((1, 2, 3)).cpu().double().numpy()}, {"num_failures": 0})
+
+    monkeypatch.setattr(rewards, "multi_score", brightness_reward)  # the gradient measurement only
+
+    common = ["--mode", "cpu", "--model", smoke_toy_model, "--out", str(tmp_path / "out"), "--results",
+              str(tmp_path / "results"), *SMOKE]
+    search = bench.main(["lr-search", *common, "--epochs", "1", "--lrs", "1e-3", "1e-2"])
+    assert search["mode"] == "cpu" and search["best"]["awm"] in (1e-3, 1e-2)
+    assert set(search["results"]["flow_grpo"]) == {"0.001", "0.01"}
+
+    report = bench.main(["run", *common, "--epochs", "1", "--seeds", "1", "2", "--grad-every", "1",
+                         "--grad-prompts", "1"])
+    saved = json.loads((tmp_path / "results" / "awm_vs_flow_grpo_cpu.json").read_text())
+    assert saved["mode"] == report["mode"] == "cpu" and saved["seeds"] == [1, 2]
+    assert saved["learning_rate"] == search["best"] and saved["learning_rate_source"].endswith("lr_search_cpu.json")
+    for algorithm in ("awm", "flow_grpo"):
+        curves = saved["curves"][algorithm]
+        assert len(curves) == 2 and curves[0]["epoch"] == [0, 1] and curves[0]["images"] == [0, 32]
+        assert curves[0]["eval_reward"][0] == saved["curves"]["awm"][0]["eval_reward"][0]  # same base model
+        band = saved["bands"][algorithm]
+        assert all(lo <= m <= hi for lo, m, hi in zip(band["low"], band["mean"], band["high"]))
+    for axis in ("wall_s", "images"):
+        speedup = saved["speedup"][axis]
+        assert speedup["ci95"][0] <= speedup["ci95"][1] and len(speedup["per_seed"]) == 2
+    runs = [(r["run"], r["epoch"]) for r in saved["grad_variance"]]
+    assert runs == [("base", 0), ("awm", 1), ("flow_grpo", 1)]
+    for record in saved["grad_variance"]:
+        assert record["num_images"] == 16
+        for algorithm in ("awm", "flow_grpo"):
+            assert -1 <= record[algorithm]["half_batch_cosine"] <= 1
+            assert record[algorithm]["variance_over_squared_mean"] > 0
+    assert (tmp_path / "results" / "awm_vs_flow_grpo_cpu.png").stat().st_size > 10_000

@@ -205,22 +205,48 @@ def test_pretrain_smoke_writes_a_loadable_pipeline(tmp_path, capsys):
     threads = torch.get_num_threads()
     try:
         pretrain.main([
-            "--out", str(out), "--max_steps", "2", "--vae_steps", "1", "--num_images", "16", "--eval_prompts", "2",
-            "--eval_steps", "2",
+            "--out", str(out), "--transformer_steps", "2", "--vae_steps", "1", "--num_images", "16",
+            "--eval_prompts", "3", "--eval_steps", "2",
         ])
     finally:
         torch.set_num_threads(threads)
     printed = capsys.readouterr().out
-    assert "VAE 1 steps" in printed and "transformer 2 steps" in printed and "shapes reward" in printed
+    assert "VAE 1 steps" in printed and "transformer 2 steps" in printed and "scenes reward" in printed
     assert (out / "samples.png").is_file()
     info = json.loads((out / "toy_info.json").read_text())
-    assert info["vae_steps"] == 1 and info["transformer_steps"] == 2 and info["max_sequence_length"] == 24
+    assert info["vae_steps"] == 1 and info["transformer_steps"] == 2 and info["max_sequence_length"] == 16
+    assert info["recipe"] == "scenes" and info["task"] == "scenes" and not info["hit_time_cap"]
     pipeline = StableDiffusion3Pipeline.from_pretrained(str(out))
-    assert pipeline.tokenizer.model_max_length == 24
+    assert pipeline.tokenizer.model_max_length == 16
+    for word in pretrain.toy_words():  # every toy word is one token of each tokenizer, after a reload
+        for tokenizer in (pipeline.tokenizer, pipeline.tokenizer_2, pipeline.tokenizer_3):
+            assert len(tokenizer.tokenize(word)) == 1, (word, tokenizer.tokenize(word))
     assert pipeline.vae.config.scaling_factor == pytest.approx(info["vae_scaling_factor"])
-    images, scores, extra = pretrain.sample_and_score(pipeline, ["a red square", "two blue circles"], num_steps=2)
+    images, scores, extra = pretrain.sample_and_score(pipeline, ["a red square", "two blue circles"], num_steps=2,
+                                                      task="shapes")
     assert images.shape == (2, 3, 32, 32) and scores.shape == (2,) and extra["count_accuracy"].shape == (2,)
     stamp = os.path.getmtime(out / "model_index.json")
     assert pretrain.ensure_toy_pipeline(str(out)) == str(out) and os.path.getmtime(out / "model_index.json") == stamp
-    with pytest.raises(ValueError, match="minutes"):
-        pretrain.pretrain(str(tmp_path / "never"), minutes=11)
+    with pytest.raises(ValueError, match="max_minutes"):
+        pretrain.pretrain(str(tmp_path / "never"), max_minutes=11)
+    with pytest.raises(ValueError, match="recipe"):
+        pretrain.ensure_toy_pipeline(str(tmp_path / "never"), recipe="nope")
+
+
+def test_pretraining_is_reproducible(tmp_path):
+    """Same recipe and seed, one thread: the same weights, byte for byte."""
+    from safetensors.torch import load_file
+
+    from advantage_weighted_matching.toy import pretrain
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for name in ("a", "b"):
+            pretrain.pretrain(str(tmp_path / name), vae_steps=2, transformer_steps=3, num_images=32)
+    finally:
+        torch.set_num_threads(threads)
+    for component in ("transformer", "vae"):
+        first = load_file(str(tmp_path / "a" / component / "diffusion_pytorch_model.safetensors"))
+        second = load_file(str(tmp_path / "b" / component / "diffusion_pytorch_model.safetensors"))
+        assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first), component

@@ -73,6 +73,7 @@ def get_config():
     pretrained.backbone = "sd3"  # model family: "sd3" (StableDiffusion3Pipeline) | "flux" (FluxPipeline)
     pretrained.revision = "main"  # hub revision
     pretrained.tiny_seed = -1  # >= 0: build a tiny random SD3 at `model` if missing
+    pretrained.toy_recipe = ""  # "scenes" | "scenes_quick": pretrain that toy SD3 at `model` if missing
 
     # ---- rollout ----
     config.sample = sample = ml_collections.ConfigDict()

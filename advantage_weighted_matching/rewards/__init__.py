@@ -161,6 +161,12 @@ def _shapes_factory(device, reward_config):
     return make_shapes_scorer(device, resolve_reward_config(reward_config))
 
 
+def _scenes_factory(device, reward_config):
+    from .scenes import make_scenes_scorer
+
+    return make_scenes_scorer(device, resolve_reward_config(reward_config))
+
+
 def _ocr_factory(device, reward_config):
     from .ocr import make_ocr_scorer
 
@@ -233,6 +239,7 @@ REWARDS = {
     "qwenvl": _qwenvl_factory,
     "deqa": _deqa_factory,
     "unifiedreward": _unifiedreward_factory,
+    "scenes": _scenes_factory,
 }
 
 

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from advantage_weighted_matching import checkpoint as ckpt
 from advantage_weighted_matching import preflight
 from advantage_weighted_matching.advantages import clip_advantages, group_advantages
-from advantage_weighted_matching.backbones import get_backbone
+from advantage_weighted_matching.backbones import ensure_local_pipeline, get_backbone
 from advantage_weighted_matching.config import ConfigError, format_batch_plan, validate
 from advantage_weighted_matching.ema import WeightEMA, kl_ema_decay, lerp_
 from advantage_weighted_matching.evaluation import evaluate, summarize
@@ -46,7 +46,7 @@ from advantage_weighted_matching.prompts import k_repeat_batch, load_prompts
 from advantage_weighted_matching.rollout import rollout
 from advantage_weighted_matching.stopping import RewardOutage, StopSignals, TrainingHalted
 from advantage_weighted_matching.timesteps import sample_train_times
-from advantage_weighted_matching.visualize import caption, image_grid
+from advantage_weighted_matching.visualize import caption, image_grid, plot_reward_curve
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file and preset: path/to/file.py:PRESET.", lock_config=True)
@@ -139,10 +139,9 @@ def main(_):
     # Before the diffusion model loads: a custom reward's contract probe fails here, in seconds.
     reward_fn = multi_score(config.rewards.device or device, dict(config.reward_fn), config.rewards)
     backbone = get_backbone(config.pretrained.backbone)  # SD3 or FLUX: the model family's calls
-    if config.pretrained.tiny_seed >= 0:
-        if is_main:
-            backbone.ensure_tiny(config.pretrained.model, config.pretrained.tiny_seed)
-        accelerator.wait_for_everyone()
+    if is_main:  # the tiny / toy CPU pipelines are built on first use
+        ensure_local_pipeline(config.pretrained)
+    accelerator.wait_for_everyone()
     inference_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
     pipeline = backbone.load_pipeline(config.pretrained.model, config.pretrained.revision, inference_dtype, device)
     if config.train.gradient_checkpointing:  # recompute block activations in backward: memory for time
@@ -433,6 +432,7 @@ def main(_):
             with open(os.path.join(save_dir, "metrics.jsonl"), "a") as f:
                 record = {**train_log, **epoch_log, "global_step": global_step}
                 f.write(json.dumps({k: v for k, v in record.items() if isinstance(v, (int, float))}) + "\n")
+            plot_reward_curve(ckpt.read_metrics(save_dir), os.path.join(save_dir, "reward_curve.png"), run_name)
         logger.info(f"epoch {epoch}: reward {epoch_log['reward/avg']:.4f} " + " ".join(
             f"{key}={value:.1f}s" for key, value in timings.items()), main_process_only=True)
         last_epoch, signum = epoch + 1 == config.num_epochs, stop_requested()

@@ -1,12 +1,12 @@
-"""Pretrain a small SD3-architecture pipeline on the coloured-shapes toy task.
+"""Pretrain a small SD3-architecture pipeline on a toy task ("scenes" or "shapes").
 
-    python -m advantage_weighted_matching.toy.pretrain --out DIR [--seed 0] [--minutes 8] [--max_steps N]
+    python -m advantage_weighted_matching.toy.pretrain --out DIR [--recipe scenes] [--seed 0]
 
 Builds the components the way `tiny_sd3.build_tiny_sd3` does (same tokenizers,
 random frozen CLIP/CLIP/T5 encoders, SD3 MMDiT with dual attention and RMS
 qk-norm, AutoencoderKL with 2x downsampling to 4 latent channels, flow-match
-Euler scheduler with shift 3), a little wider (`ToySizes`), then trains within a
-wall-clock budget:
+Euler scheduler with shift 3), a little wider (`ToySizes`), then trains a fixed
+number of steps:
 
 a. the VAE on reconstruction of toy images in [-1, 1] (MSE + a small KL),
    then sets its ``shift_factor`` / ``scaling_factor`` to the latent mean and
@@ -18,22 +18,30 @@ b. the transformer with the project's flow-matching loss: ``x_t =
    ``rollout.encode_prompts`` of the frozen random encoders; the saved
    transformer is an EMA of the trained weights.
 
-and saves the whole ``StableDiffusion3Pipeline`` (temp dir + rename) so the
-trainer loads it with ``from_pretrained`` like SD3.5, plus ``toy_info.json``
-(sizes, steps, losses, timings). Prompts are short: the CLIP tokenizers pad to
-24 tokens and the T5 length is ``TOY_MAX_SEQUENCE_LENGTH`` = 24; an RL config on
-this pipeline must set ``config.max_sequence_length = 24`` (the transformer never
-saw other T5 padding lengths) and ``config.resolution = 32``.
+`RECIPES` name the step counts: ``scenes`` (the benchmark model, about 3.5
+minutes on one core) and ``scenes_quick`` (the quick-start model, about 40 s).
+A run is a pure function of (recipe, seed) on one CPU thread (the default):
+the same bytes every time. ``--max_minutes`` adds a wall-clock cap (a run that
+hits it is no longer reproducible; ``toy_info.json`` says so).
 
-After saving, ``main`` loads the pipeline back, samples the balanced test
-prompts with the Euler ODE (``rollout.rollout(..., deterministic=True)``),
-reports the "shapes" reward next to that of the untrained pipeline, and writes
+The whole ``StableDiffusion3Pipeline`` is saved (temp dir + rename) so the
+trainer loads it with ``from_pretrained`` like SD3.5, plus ``toy_info.json``
+(recipe, sizes, steps, losses, timings). Prompts are short: every toy word is
+one token (`toy_words`), the CLIP tokenizers pad to 16 tokens and the T5 length
+is ``TOY_MAX_SEQUENCE_LENGTH`` = 16; an RL config on this pipeline must set
+``config.max_sequence_length = 16`` (the transformer never saw other T5 padding
+lengths) and ``config.resolution = 32``.
+
+After saving, ``main`` loads the pipeline back, samples the task's balanced
+test prompts with the Euler ODE (``rollout.rollout(..., deterministic=True)``),
+reports the task's reward next to that of the untrained pipeline, and writes
 ``samples.png`` (captioned with the rewards) into the pipeline directory.
 """
 
 import argparse
 import copy
 import dataclasses
+import importlib
 import json
 import logging
 import os
@@ -46,9 +54,25 @@ from advantage_weighted_matching.tiny_sd3 import save_pipeline_atomic
 
 logger = logging.getLogger(__name__)
 
-TOY_MAX_SEQUENCE_LENGTH = 24  # T5 tokens; also the CLIP tokenizers' padded length
+TOY_MAX_SEQUENCE_LENGTH = 16  # T5 tokens; also the CLIP tokenizers' padded length (prompts: <= 10)
 TOY_RESOLUTION = 32
 MAX_MINUTES = 10.0
+TASKS = ("shapes", "scenes")  # toy.<task> generator, rewards.<task> reward (same name in REWARDS)
+# Step counts of the cached pipelines (`ensure_toy_pipeline`); timings on one core of a 2-core machine.
+RECIPES = {
+    # the benchmark model, about 3.5 minutes: all 416 scenes prompts; eval reward about 0.4 (<= 0.5)
+    "scenes": {"task": "scenes", "vae_steps": 300, "transformer_steps": 600, "num_images": 4096},
+    # the quick start's model, about 40 s: only its 4 prompts (toy.scenes.QUICKSTART_PROMPTS)
+    "scenes_quick": {"task": "scenes", "vae_steps": 80, "transformer_steps": 200, "num_images": 1024,
+                     "batch_size": 16, "prompts": "quickstart"},
+}
+
+
+def task_module(task):
+    """The generator module `toy.<task>` (make_dataset, balanced_prompts, write_prompt_files)."""
+    if task not in TASKS:
+        raise ValueError(f"unknown toy task {task!r}; expected one of {TASKS}")
+    return importlib.import_module(f"advantage_weighted_matching.toy.{task}")
 
 
 @dataclasses.dataclass
@@ -68,8 +92,21 @@ class ToySizes:
     text_length: int = TOY_MAX_SEQUENCE_LENGTH
 
 
+def toy_words():
+    """Every word of every toy prompt (both tasks), sorted: each is one token of the toy tokenizers."""
+    words = set()
+    for task in TASKS:
+        module = task_module(task)
+        specs = module.all_specs() if task == "shapes" else [s for k in module.KINDS for s in module.all_specs(k)]
+        words.update(word for spec in specs for word in module.prompt_for(spec).split())
+    return sorted(words | {"one"})
+
+
 def build_toy_pipeline(seed=0, sizes=None):
-    """An untrained toy StableDiffusion3Pipeline (in memory), weights drawn from `seed`."""
+    """An untrained toy StableDiffusion3Pipeline (in memory), weights drawn from `seed`.
+
+    The tokenizers are the tiny SD3's character-level ones with every toy word
+    (`toy_words`) as one extra token, so a prompt is at most 10 tokens."""
     from diffusers import (
         AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline,
     )
@@ -79,9 +116,9 @@ def build_toy_pipeline(seed=0, sizes=None):
 
     sizes = sizes or ToySizes()
     torch.manual_seed(seed)
-    clip_tokenizer = _clip_tokenizer()
+    clip_tokenizer = _clip_tokenizer(toy_words())
     clip_tokenizer.model_max_length = sizes.text_length  # SD3 pads CLIP prompts to this length
-    t5_tokenizer = _t5_tokenizer()
+    t5_tokenizer = _t5_tokenizer(toy_words())
 
     def clip_encoder():
         return CLIPTextModelWithProjection(
@@ -225,36 +262,37 @@ def train_transformer(
 
 
 def pretrain(
-    out_dir, seed=0, minutes=8.0, max_steps=None, num_images=4096, sizes=None, vae_fraction=0.25, vae_steps=None,
-    transformer_steps=None,
+    out_dir, seed=0, task="scenes", vae_steps=300, transformer_steps=600, num_images=4096, sizes=None,
+    max_minutes=None, recipe="", kinds=None, prompts=None, batch_size=32,
 ):
     """Build, train and save the toy pipeline to `out_dir`; returns the info dict (also
     saved as `toy_info.json`).
 
-    Wall-clock budget `minutes` (at most MAX_MINUTES) for everything up to saving: the
-    VAE gets `vae_fraction` of it, the transformer the rest. `max_steps` caps the
-    optimizer steps of each phase; `vae_steps` / `transformer_steps` cap one phase
-    (a run that reaches its caps before the deadline is reproducible from `seed`
-    on one CPU thread; a time-limited run depends on the machine's speed).
+    `vae_steps` / `transformer_steps` optimizer steps of `batch_size` images, drawn from
+    `num_images` images of `task` generated from `seed` (scenes: of prompt `kinds`, default all,
+    or only `prompts`, "quickstart" for `toy.scenes.QUICKSTART_PROMPTS`). `max_minutes` (at most
+    MAX_MINUTES; None: no cap) stops each phase early at its share of a wall-clock budget (the
+    VAE a quarter), which makes the run depend on the machine's speed (``info["hit_time_cap"]``).
     """
     from advantage_weighted_matching.rollout import encode_prompts
-    from advantage_weighted_matching.toy.shapes import make_dataset
 
-    if not 0 < minutes <= MAX_MINUTES:
-        raise ValueError(f"minutes must be in (0, {MAX_MINUTES}], got {minutes}")
+    if max_minutes is not None and not 0 < max_minutes <= MAX_MINUTES:
+        raise ValueError(f"max_minutes must be in (0, {MAX_MINUTES}], got {max_minutes}")
     start = time.monotonic()
-    end = start + 60.0 * minutes
-    sizes = sizes or ToySizes()
+    end = start + 60.0 * max_minutes if max_minutes else float("inf")
+    sizes = ToySizes(**sizes) if isinstance(sizes, dict) else (sizes or ToySizes())
     generator = torch.Generator().manual_seed(seed)
     pipeline = build_toy_pipeline(seed, sizes)
-    images_uint8, prompts, _ = make_dataset(num_images, seed)
+    if prompts == "quickstart":
+        from advantage_weighted_matching.toy.scenes import QUICKSTART_PROMPTS as prompts
+    subset = {key: value for key, value in (("kinds", kinds), ("prompts", prompts)) if value}
+    images_uint8, prompts, _ = task_module(task).make_dataset(num_images, seed, **subset)
     images = _to_model_range(images_uint8)
     timings = {"build_and_data_s": time.monotonic() - start}
 
     phase_start = time.monotonic()
-    vae_deadline = phase_start + vae_fraction * (end - phase_start)
-    vae_cap = max_steps if vae_steps is None else vae_steps
-    vae_steps, vae_mse = train_vae(pipeline.vae, images, vae_deadline, vae_cap, generator=generator)
+    vae_deadline = phase_start + 0.25 * (end - phase_start)
+    vae_done, vae_mse = train_vae(pipeline.vae, images, vae_deadline, vae_steps, batch_size, generator=generator)
     pipeline.vae.requires_grad_(False)
     mean, std = encode_dataset(pipeline.vae, images)
     shift_factor = float(mean.mean())
@@ -268,38 +306,44 @@ def pretrain(
     position = {prompt: index for index, prompt in enumerate(unique_prompts)}
     embeds, pooled = encode_prompts(pipeline, unique_prompts, "cpu", sizes.text_length)
     prompt_index = torch.tensor([position[prompt] for prompt in prompts])
-    transformer_cap = max_steps if transformer_steps is None else transformer_steps
-    ema, transformer_steps, flow_loss = train_transformer(
-        pipeline.transformer, latents_mean, latents_std, prompt_index, embeds, pooled, end, transformer_cap,
-        generator=generator,
+    ema, transformer_done, flow_loss = train_transformer(
+        pipeline.transformer, latents_mean, latents_std, prompt_index, embeds, pooled, end, transformer_steps,
+        batch_size, generator=generator,
     )
     pipeline.register_modules(transformer=ema)
     timings["transformer_s"] = time.monotonic() - phase_start
     timings["total_train_s"] = time.monotonic() - start
 
     info = {
-        "seed": seed, "minutes": minutes, "max_steps": max_steps, "num_images": num_images,
-        "sizes": dataclasses.asdict(sizes), "resolution": TOY_RESOLUTION,
-        "max_sequence_length": sizes.text_length, "vae_steps": vae_steps, "vae_reconstruction_mse": vae_mse,
+        "recipe": recipe, "task": task, **{key: list(value) for key, value in subset.items()}, "seed": seed,
+        "num_images": num_images,
+        "batch_size": batch_size, "max_minutes": max_minutes,
+        "hit_time_cap": vae_done < vae_steps or transformer_done < transformer_steps,
+        "torch_threads": torch.get_num_threads(), "sizes": dataclasses.asdict(sizes), "resolution": TOY_RESOLUTION,
+        "max_sequence_length": sizes.text_length, "vae_steps": vae_done, "vae_reconstruction_mse": vae_mse,
         "vae_shift_factor": shift_factor, "vae_scaling_factor": scaling_factor,
-        "transformer_steps": transformer_steps, "flow_matching_loss": flow_loss, "timings": timings,
+        "transformer_steps": transformer_done, "flow_matching_loss": flow_loss, "timings": timings,
     }
     save_pipeline_atomic(pipeline, out_dir, {"toy_info.json": json.dumps(info, indent=2) + "\n"})
     logger.info("toy pipeline saved to %s: %s", out_dir, json.dumps(info))
     return info
 
 
-def ensure_toy_pipeline(out_dir, seed=0, minutes=8.0, threads=1):
-    """Pretrain into `out_dir` unless it already holds a pipeline (model_index.json).
+def ensure_toy_pipeline(out_dir, recipe="scenes", seed=0, threads=1):
+    """Pretrain `RECIPES[recipe]` into `out_dir` unless it already holds a pipeline (model_index.json).
 
-    Trains on `threads` torch CPU threads (restored afterwards): on a shared 2-core
-    machine one thread ran ~10x faster than two competing with other processes.
+    Trains on `threads` torch CPU threads (restored afterwards): one thread makes the
+    run reproducible, and on a shared 2-core machine it ran ~10x faster than two
+    competing with other processes.
     """
+    if recipe not in RECIPES:
+        raise ValueError(f"unknown toy recipe {recipe!r}; expected one of {sorted(RECIPES)}")
     if not os.path.exists(os.path.join(out_dir, "model_index.json")):
         previous = torch.get_num_threads()
         torch.set_num_threads(threads)
         try:
-            pretrain(out_dir, seed=seed, minutes=minutes)
+            logger.info("pretraining the toy pipeline %r into %s (first use; cached afterwards)", recipe, out_dir)
+            pretrain(out_dir, seed=seed, recipe=recipe, **RECIPES[recipe])
         finally:
             torch.set_num_threads(previous)
     return out_dir
@@ -308,15 +352,16 @@ def ensure_toy_pipeline(out_dir, seed=0, minutes=8.0, threads=1):
 @torch.no_grad()
 def sample_and_score(
     pipeline, prompts, num_steps=16, seed=0, max_sequence_length=TOY_MAX_SEQUENCE_LENGTH, batch_size=32,
+    task="scenes",
 ):
-    """Euler-ODE samples of `prompts` and their "shapes" rewards.
+    """Euler-ODE samples of `prompts` and their `task` rewards.
 
     Returns (images [N, 3, 32, 32] in [0, 1], scores float64 [N], info dict of [N] arrays).
     """
-    from advantage_weighted_matching.rewards.shapes import make_shapes_scorer
+    from advantage_weighted_matching.rewards import REWARDS
     from advantage_weighted_matching.rollout import encode_prompts, flow_sigmas, rollout
 
-    scorer = make_shapes_scorer("cpu", None)
+    scorer = REWARDS[task]("cpu", None)
     sigmas = flow_sigmas(pipeline.scheduler, num_steps)
     generator = torch.Generator().manual_seed(seed)
     images, scores, infos = [], [], []
@@ -334,27 +379,38 @@ def sample_and_score(
     return torch.cat(images), np.concatenate(scores), info
 
 
+def _describe(info):
+    """'count 0.61, colour 0.93, ...' from a scorer's info dict (accuracies averaged where they apply)."""
+    parts = []
+    for key, value in info.items():
+        if key.endswith("accuracy"):
+            valid = value[value != -10.0]
+            parts.append(f"{key.replace('_accuracy', '')} {valid.mean():.3f}" if valid.size else "")
+    return ", ".join(p for p in parts if p)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="pipeline directory to write")
+    parser.add_argument("--recipe", default="scenes", choices=sorted(RECIPES), help="task and default step counts")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--minutes", type=float, default=8.0, help=f"wall-clock training budget (max {MAX_MINUTES})")
-    parser.add_argument("--max_steps", type=int, default=None, help="cap on optimizer steps per phase (smoke runs)")
-    parser.add_argument("--vae_steps", type=int, default=None, help="cap on VAE steps (overrides --max_steps)")
-    parser.add_argument("--transformer_steps", type=int, default=None, help="cap on transformer steps (ditto)")
-    parser.add_argument("--num_images", type=int, default=4096, help="training images generated")
-    parser.add_argument("--eval_prompts", type=int, default=32, help="balanced test prompts to sample (0: no check)")
+    parser.add_argument("--vae_steps", type=int, default=None, help="VAE optimizer steps (default: the recipe's)")
+    parser.add_argument("--transformer_steps", type=int, default=None, help="transformer steps (ditto)")
+    parser.add_argument("--num_images", type=int, default=None, help="training images generated (ditto)")
+    parser.add_argument("--max_minutes", type=float, default=None, help=f"wall-clock cap (max {MAX_MINUTES})")
+    parser.add_argument("--eval_prompts", type=int, default=64, help="balanced test prompts to sample (0: no check)")
     parser.add_argument("--eval_steps", type=int, default=16, help="Euler steps of the check")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a busy 2-core box)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: reproducible, and fastest on "
+                        "a busy 2-core box)")
     args = parser.parse_args(argv)
-    if not 0 < args.minutes <= MAX_MINUTES:
-        parser.error(f"--minutes must be in (0, {MAX_MINUTES}]")
+    if args.max_minutes is not None and not 0 < args.max_minutes <= MAX_MINUTES:
+        parser.error(f"--max_minutes must be in (0, {MAX_MINUTES}]")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
-    info = pretrain(
-        args.out, args.seed, args.minutes, args.max_steps, args.num_images, vae_steps=args.vae_steps,
-        transformer_steps=args.transformer_steps,
-    )
+    recipe = dict(RECIPES[args.recipe])
+    recipe.update({key: getattr(args, key) for key in ("vae_steps", "transformer_steps", "num_images")
+                   if getattr(args, key) is not None})
+    info = pretrain(args.out, args.seed, max_minutes=args.max_minutes, recipe=args.recipe, **recipe)
     print(
         f"pretrained in {info['timings']['total_train_s']:.0f} s: VAE {info['vae_steps']} steps "
         f"(reconstruction MSE {info['vae_reconstruction_mse']:.4f}), transformer {info['transformer_steps']} steps "
@@ -363,24 +419,21 @@ def main(argv=None):
     if args.eval_prompts:
         from diffusers import StableDiffusion3Pipeline
 
-        from advantage_weighted_matching.toy.shapes import balanced_prompts
         from advantage_weighted_matching.visualize import caption, image_grid
 
-        prompts = balanced_prompts(args.eval_prompts, args.seed)
+        task = recipe["task"]
+        prompts = task_module(task).balanced_prompts(args.eval_prompts, args.seed)
         started = time.monotonic()
         pipeline = StableDiffusion3Pipeline.from_pretrained(args.out)
-        images, scores, extra = sample_and_score(pipeline, prompts, args.eval_steps, args.seed)
+        images, scores, extra = sample_and_score(pipeline, prompts, args.eval_steps, args.seed, task=task)
         sample_s = time.monotonic() - started
         untrained = build_toy_pipeline(args.seed)
-        _, random_scores, random_extra = sample_and_score(untrained, prompts, args.eval_steps, args.seed)
+        _, random_scores, random_extra = sample_and_score(untrained, prompts, args.eval_steps, args.seed, task=task)
         grid_path = os.path.join(args.out, "samples.png")
         image_grid(images, [caption(p, s) for p, s in zip(prompts, scores)], columns=8, tile=128).save(grid_path)
         for name, values, more in (("pretrained", scores, extra), ("random", random_scores, random_extra)):
-            print(
-                f"{name:>10}: shapes reward {values.mean():.3f} (count {more['count_accuracy'].mean():.3f}, "
-                f"colour {more['color_accuracy'].mean():.3f}, shape {more['shape_accuracy'].mean():.3f}) "
-                f"over {len(prompts)} test prompts, {args.eval_steps} Euler steps"
-            )
+            print(f"{name:>10}: {task} reward {values.mean():.3f} ({_describe(more)}) over {len(prompts)} test "
+                  f"prompts, {args.eval_steps} Euler steps")
         print(f"sampling + scoring {len(prompts)} prompts: {sample_s:.1f} s; grid: {grid_path}")
 
 
