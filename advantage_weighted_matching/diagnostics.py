@@ -5,7 +5,8 @@ Gradient estimators. On one rollout batch of N images (one SDE rollout with its
 per-step log-probs, so that both losses see the same images and advantages), the
 per-sample gradients ``G [N, P]`` of the LoRA parameters come from the real losses:
 ``objective.awm_loss`` on the sample's clean latent at T fresh (t, eps) draws, and
-``flow_grpo.flow_grpo_loss`` on every trained SDE step of the sample (SPEC 7). The
+``flow_grpo.flow_grpo_step_loss`` averaged over every trained SDE step of the sample
+(SPEC 7; the trainer accumulates the same per-step losses). The
 batch estimator is the row mean ``g = mean_i G_i``. Reported (both scale-free, so
 the two losses' different magnitudes do not matter):
 
@@ -153,13 +154,15 @@ def awm_sample_loss(velocity_fn, clean, noise, t, advantage, train):
 
 
 def flow_grpo_sample_loss(velocity_fn, latents, log_probs, sigmas, steps, advantage, noise_level, train):
-    """The Flow-GRPO policy loss of one sample over its trained SDE steps: latents [1, N + 1, C, h, w],
-    log_probs [1, N], sigmas [N + 1], steps [K] (LongTensor), advantage [1]. KL off (beta = 0)."""
-    from advantage_weighted_matching.flow_grpo import flow_grpo_loss, gather_steps
+    """The Flow-GRPO policy loss of one sample, averaged over its trained SDE steps: latents
+    [1, N + 1, C, h, w], log_probs [1, N], sigmas [N + 1], steps [K] (LongTensor), advantage [1].
+    KL off (beta = 0)."""
+    from advantage_weighted_matching.flow_grpo import flow_grpo_step_loss, step_rows
 
-    x, x_next, sigma, sigma_next, old_log_probs = gather_steps(latents, log_probs, sigmas, steps)
-    loss, _ = flow_grpo_loss(
-        velocity_fn, x, x_next, sigma, sigma_next, float(sigmas[1]), noise_level, old_log_probs, advantage,
-        clip_range=train.clip_range,
-    )
-    return loss
+    losses = []
+    for j in steps.tolist():
+        x, x_next, sigma, sigma_next, old_log_probs = step_rows(latents, log_probs, sigmas, j)
+        loss, _ = flow_grpo_step_loss(velocity_fn, x, x_next, sigma, sigma_next, float(sigmas[1]), noise_level,
+                                      old_log_probs, advantage, clip_range=train.clip_range)
+        losses.append(loss)
+    return torch.stack(losses).mean()

@@ -3,7 +3,7 @@
 `check_paths(config)` raises one ConfigError listing every problem with
 * ``pretrained.model``: a local path (absolute, ``./``, ``~``, or existing) must
   be a diffusers pipeline dir (``model_index.json``) unless
-  ``pretrained.tiny_seed >= 0`` builds it; a hub id must be in the local cache
+  ``pretrained.tiny_seed >= 0`` or ``pretrained.toy_recipe`` builds it; a hub id must be in the local cache
   when ``HF_HUB_OFFLINE`` is set;
 * ``resume_from``: must exist, be a directory and hold a complete checkpoint;
 * the run dir (``save_dir``, else under ``logdir``): its nearest existing
@@ -68,7 +68,8 @@ def dir_problem(path, key):
 
 def check_paths(config):
     """Filesystem checks of the config, read-only; ConfigError listing every problem."""
-    problems = [model_problem(config.pretrained.model, config.pretrained.revision, config.pretrained.tiny_seed >= 0)]
+    will_build = config.pretrained.tiny_seed >= 0 or bool(config.pretrained.toy_recipe)  # built on first use
+    problems = [model_problem(config.pretrained.model, config.pretrained.revision, will_build)]
     if config.resume_from:
         try:
             resume_candidates(config.resume_from)

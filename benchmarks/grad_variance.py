@@ -10,7 +10,7 @@ its own way). Both estimators then see exactly these images:
 
 * AWM: ``objective.awm_loss`` of each sample at its preset's T = 4 training
   times (``discrete_wo_init``) with fresh noise;
-* Flow-GRPO: ``flow_grpo.flow_grpo_loss`` of each sample over every trained
+* Flow-GRPO: ``flow_grpo.flow_grpo_step_loss`` of each sample, averaged over every trained
   SDE step (``j < int(num_steps * timestep_fraction)``, SPEC 7);
 
 KL terms off: the policy-gradient estimators alone. The per-sample gradients of
@@ -113,7 +113,7 @@ def measure(model_dir, lora_dir=None, num_prompts=4, seed=0, num_splits=64, devi
 
     def flow_grpo_loss_of(i):
         return diagnostics.flow_grpo_sample_loss(
-            policy(i, len(trained_steps)), batch["latents"][i:i + 1], batch["log_probs"][i:i + 1],
+            policy(i, 1), batch["latents"][i:i + 1], batch["log_probs"][i:i + 1],
             sigmas.to(device, torch.float32), trained_steps.to(device), adv["flow_grpo"][i:i + 1],
             flow_grpo.sample.noise_level, flow_grpo.train)
 

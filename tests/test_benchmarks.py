@@ -64,7 +64,7 @@ def test_trainer_overhead_hooks_every_model_call(tiny_sd3_dir):
 # Smoke sizes for both presets: 2 rollout batches of 16 (one optimizer step per epoch), 6 sampling
 # steps, 16 eval prompts at 4 Euler steps, an eval every epoch.
 SMOKE = ["--config.sample.num_steps=6", "--config.sample.eval_num_steps=4", "--config.sample.num_eval_images=16",
-         "--config.sample.num_batches_per_epoch=2", "--config.train.gradient_accumulation_steps=4",
+         "--config.sample.num_batches_per_epoch=2",
          "--config.eval_freq=1"]
 
 

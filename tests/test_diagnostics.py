@@ -127,7 +127,7 @@ def test_awm_per_sample_gradients_average_to_the_batch_gradient():
 
 
 def test_flow_grpo_per_sample_gradients_average_to_the_batch_gradient():
-    from advantage_weighted_matching.flow_grpo import flow_grpo_loss, gather_steps
+    from advantage_weighted_matching.flow_grpo import flow_grpo_step_loss, step_rows
 
     g = torch.Generator().manual_seed(1)
     weight, bias = torch.randn(1, 2, 4, 4, generator=g).requires_grad_(), torch.randn(1, 2, 4, 4, generator=g)
@@ -140,8 +140,9 @@ def test_flow_grpo_per_sample_gradients_average_to_the_batch_gradient():
     per_sample = d.per_sample_gradients(
         lambda b: d.flow_grpo_sample_loss(_velocity(weight, bias), latents[b:b + 1], log_probs[b:b + 1], sigmas,
                                           steps, advantages[b:b + 1], 0.7, train), [weight, bias], B)
-    rows = gather_steps(latents, log_probs, sigmas, steps)
-    loss, _ = flow_grpo_loss(_velocity(weight, bias), *rows[:4], float(sigmas[1]), 0.7, rows[4], advantages,
-                             clip_range=1e6)
+    # the trainer's accumulation: each step's loss over the batch, averaged over the steps
+    loss = torch.stack([flow_grpo_step_loss(_velocity(weight, bias), *step_rows(latents, log_probs, sigmas, j)[:4],
+                                            float(sigmas[1]), 0.7, step_rows(latents, log_probs, sigmas, j)[4],
+                                            advantages, clip_range=1e6)[0] for j in steps.tolist()]).mean()
     batch = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, [weight, bias])]).double()
     torch.testing.assert_close(per_sample.mean(0), batch, rtol=1e-5, atol=1e-9)
