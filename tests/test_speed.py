@@ -301,3 +301,31 @@ def test_settings_resolve_auto_per_device():
     assert not speed.Settings.from_config(config, "cpu").batched_reference
     with pytest.raises(ValueError):
         speed.resolve("yes", "cpu")
+
+
+# ---------------------------------------------------------------- the training script
+def test_training_with_every_switch_matches_the_plain_run(tmp_path, tiny_sd3_dir):
+    """Two epochs of the tiny preset with all switches on (rollouts of the whole epoch in one chunk,
+    batched reference, fused AdamW, regional compilation with the "eager" backend) log the same
+    rewards and losses as the plain run, and the per-epoch throughput keys (MFU and peak memory
+    are CUDA-only)."""
+    import torch._dynamo
+    from test_train_e2e import run_training
+
+    common = ["--config.num_epochs=2", "--config.eval_freq=2", "--config.log_image_freq=0"]
+    plain = run_training(tmp_path / "plain", tiny_sd3_dir, *common)
+    fast = run_training(tmp_path / "fast", tiny_sd3_dir, *common, "--config.sample.rollout_chunk=8",
+                        "--config.train.batched_reference=true", "--config.train.fused_adam=true",
+                        "--config.train.compile=true", "--config.train.compile_backend=eager")
+    torch._dynamo.reset()
+    assert len(plain) == len(fast) == 2 and {"reward/avg", "train/loss", "eval/avg"} <= set(plain[-1])
+    for a, b in zip(plain, fast):
+        for key in ("reward/avg", "eval/avg", "train/loss", "train/policy_loss", "train/kl_loss",
+                    "train/ema_kl_loss", "train/grad_norm"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-7), key
+        for record in (a, b):
+            assert record["perf/rollout_images_per_s"] > 0 and record["perf/epoch_images_per_s"] > 0
+            assert record["perf/epoch_images_per_s"] < record["perf/rollout_images_per_s"]
+            assert not any(key.startswith(("perf/mfu", "perf/peak_gib")) for key in record)
+    assert fast[-1]["perf/compile_s"] > 0 and "perf/compile_s" not in plain[-1]

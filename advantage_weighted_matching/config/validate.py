@@ -177,7 +177,8 @@ def validate(config, num_processes):
     if sample.rollout_chunk and images_per_rank % sample.rollout_chunk:
         errors.append(
             f"sample.rollout_chunk={sample.rollout_chunk} must divide the images per GPU per epoch, "
-            f"sample.train_batch_size * sample.num_batches_per_epoch = {images_per_rank} (every solver pass the "
+            f"sample.train_batch_size * sample.num_batches_per_epoch = {sample.train_batch_size} * "
+            f"{sample.num_batches_per_epoch} = {images_per_rank} (every solver pass the "
             f"same shape: nothing recompiles)"
         )
     if config.train.compile_mode != "default" and config.train.compile_backend != "inductor":
