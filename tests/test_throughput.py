@@ -78,3 +78,36 @@ def test_meter_on_cuda_logs_mfu_and_peak_memory():
     meter.end_phase("sample")
     log = meter.epoch_log({"sample": 1.0}, images=32)
     assert 0 < log["perf/mfu_rollout"] < 1 and log["perf/peak_gib_sample"] > 0
+
+
+def test_throughput_benchmark_tiny_smoke(tmp_path):
+    """`benchmarks/throughput.py --size tiny --rewards`: both paths, parity, the implied epochs of the
+    three SD3 presets, the targets and the rewards' wiring, on CPU (compile with the "eager" backend)."""
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import throughput
+
+    out = tmp_path / "throughput_tiny.json"
+    report = throughput.main(["--size", "tiny", "--repeats", "1", "--rewards", "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+    assert set(report["paths"]) == {"eager", "optimised"}
+    fast = report["paths"]["optimised"]
+    assert fast["settings"] == {"compile": True, "compile_mode": "default", "batched_reference": True,
+                                "fused_adam": False, "rollout_chunks": [6, 12]}
+    assert set(fast["micro_batch"]) == {"3x6", "3x6_checkpointed", "2x6", "2x6_checkpointed"}
+    assert fast["compile_s"] > 0 and report["paths"]["eager"]["compile_s"] == 0
+    assert set(report["implied_epoch_s"]) == {"geneval_sd3_no_cfg_1node", "ocr_sd3_no_cfg_1node",
+                                              "pickscore_sd3_no_cfg_1node"}
+    for row in report["implied_epoch_s"].values():
+        assert row["eager"] > 0 and row["optimised"] > 0 and row["ratio"] == row["optimised"] / row["eager"]
+    parity = report["parity"]
+    assert set(parity["rollout_latents_max_abs"]) == {"6", "12"}
+    assert max(parity["rollout_latents_max_abs"].values()) < 1e-4 and parity["loss_abs"] < 1e-6
+    assert report["targets"]["parity_latents_max_abs"]["met"] and report["targets"]["parity_loss_abs"]["met"]
+    assert report["flops"]["forward_per_image"] > 0 and report["flops"]["train_per_row"] > 0
+    for name in ("geneval", "pickscore"):
+        assert report["rewards"][name]["images_per_s"] > 0 and report["rewards"][name]["overlap"]["batches"] == 4
+    assert "ocr_unavailable" in report["rewards"]["unavailable"]
