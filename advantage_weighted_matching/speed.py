@@ -73,8 +73,10 @@ def compile_repeated_blocks(transformer, block_names, mode="default", backend="i
     import torch._dynamo
 
     config = torch._dynamo.config
-    config.recompile_limit = max(config.recompile_limit, RECOMPILE_LIMIT)
-    config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 8 * RECOMPILE_LIMIT)
+    for name, value in (("recompile_limit", RECOMPILE_LIMIT), ("accumulated_recompile_limit", 8 * RECOMPILE_LIMIT)):
+        if not hasattr(config, name):  # torch < 2.7 names them cache_size_limit, accumulated_cache_size_limit
+            name = name.replace("recompile", "cache_size")
+        setattr(config, name, max(getattr(config, name), value))
     options = {"backend": backend, "dynamic": False}
     if backend == "inductor" and mode != "default":
         options["mode"] = mode
