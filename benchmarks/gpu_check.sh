@@ -66,7 +66,7 @@ throughput() {  # size, time limit (s), then benchmark arguments
   tail -n 30 "$OUT/throughput_${size}.log"
 }
 if [[ " $CHECKS " == *" throughput "* ]]; then
-  throughput sd35m 300 --rewards --repeats 3
-  throughput flux 200 --repeats 1
+  throughput sd35m 330 --rewards --repeats 3
+  throughput flux 180 --repeats 1
 fi
 echo "gpu_check: $(( $(date +%s) - START ))s"

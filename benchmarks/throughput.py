@@ -35,8 +35,6 @@ rows. JSON goes to ``--out`` after every stage (a run cut short keeps what it me
 """
 
 import argparse
-import contextlib
-import copy
 import json
 import os
 import platform
@@ -178,9 +176,10 @@ class Path:
         return {"compile": self.compile, "compile_mode": self.bench.args.compile_mode if self.compile else None,
                 "batched_reference": self.batched, "fused_adam": self.fused, "rollout_chunks": list(self.chunks)}
 
-    def rollout(self, chunk, batches=None):
+    def rollout(self, chunk, batches=None, on_batch=None):
         """`batches` rollout batches (default: one per prompt batch; prompts cycle) through
-        ChunkedRollout(chunk): the Rollout of each, in order. Batch i's noise comes from seed 100 + i."""
+        ChunkedRollout(chunk): the Rollout of each, in order, each also given to `on_batch` as soon
+        as it is complete (the trainer's reward submission). Batch i's noise comes from seed 100 + i."""
         from advantage_weighted_matching.rollout import ChunkedRollout
 
         bench = self.bench
@@ -192,9 +191,13 @@ class Path:
         with bench.autocast(), torch.no_grad():
             for i in range(batches):
                 embeds, pooled = bench.prompts[i % len(bench.prompts)]
-                results += sampler.push(embeds, pooled, torch.Generator(bench.device).manual_seed(100 + i),
-                                        last=i + 1 == batches)
-        return [result for result, _ in results]
+                done = sampler.push(embeds, pooled, torch.Generator(bench.device).manual_seed(100 + i),
+                                    last=i + 1 == batches)
+                for result, _ in done:
+                    if on_batch is not None:
+                        on_batch(result)
+                results += [result for result, _ in done]
+        return results
 
     def micro_batch(self, samples, timesteps, seed):
         """One AWM micro-batch (loss and backward, gradients accumulate), as the trainer builds it."""
@@ -225,19 +228,18 @@ class Path:
             with bench.adapters.use("ema"), bench.autocast():
                 return bench.velocity(bench.transformer, x, t, embeds, pooled)
 
-        if self.batched:
-            def both(x, t):
-                with bench.autocast():
-                    return speed.reference_and_ema_velocity(bench.backbone, bench.transformer, bench.adapters, x, t,
-                                                            embeds, pooled, guidance_scale=bench.guidance,
-                                                            dtype=bench.dtype)
+        def both(x, t):
+            with bench.autocast():
+                return speed.reference_and_ema_velocity(bench.backbone, bench.transformer, bench.adapters, x, t,
+                                                        embeds, pooled, guidance_scale=bench.guidance,
+                                                        dtype=bench.dtype)
 
-            ref_v, ema_v = speed.paired_reference(both)
+        ref_fn, ema_fn = speed.paired_reference(both) if self.batched else (ref_v, ema_v)
         loss, metrics = awm_loss(
             policy_v, clean, noise, t, advantages, timesteps, weighting=config.train.weighting,
             ghuber_power=config.train.ghuber_power, loss_type=config.train.loss_type,
-            clip_range=config.train.clip_range, beta=config.train.beta, ref_velocity_fn=ref_v,
-            ema_beta=config.train.ema_beta, ema_velocity_fn=ema_v)
+            clip_range=config.train.clip_range, beta=config.train.beta, ref_velocity_fn=ref_fn,
+            ema_beta=config.train.ema_beta, ema_velocity_fn=ema_fn)
         self.scaler.scale(loss).backward()
         return metrics
 
@@ -254,6 +256,11 @@ def set_checkpointing(bench, on):
         bench.pipeline.transformer.enable_gradient_checkpointing()
     else:
         bench.pipeline.transformer.disable_gradient_checkpointing()
+
+
+def sync(bench):
+    if bench.cuda:
+        torch.cuda.synchronize()
 
 
 def zero_grads(bench):
@@ -308,15 +315,17 @@ def measure_path(bench, path, flops, report, out):
     zero_grads(bench)
     start = time.perf_counter()
     metrics = path.micro_batch(samples, timesteps, seed=7)
+    sync(bench)
+    result["first_micro_batch_s"] = time.perf_counter() - start
     result["parity_micro_batch"] = {key: float(value) for key, value in metrics.items()}
     result["parity_grads"] = [p.grad.detach().float().clone() for p in bench.policy_params]
-    result["first_micro_batch_s"] = time.perf_counter() - start
     zero_grads(bench)
 
     result["rollout"] = {}
     for chunk in path.chunks:
         start = time.perf_counter()
         latents = path.rollout(chunk)
+        sync(bench)
         first = time.perf_counter() - start
         reset_peak(bench)
         seconds = median_time(lambda: path.rollout(chunk), args.repeats)
@@ -348,6 +357,7 @@ def measure_path(bench, path, flops, report, out):
             else:
                 start = time.perf_counter()
                 path.micro_batch(samples, timesteps, seed=1)  # warm-up (and compile)
+                sync(bench)
                 first = time.perf_counter() - start
             reset_peak(bench)
             seconds = median_time(lambda: path.micro_batch(samples, timesteps, seed=1), args.repeats)
@@ -532,7 +542,9 @@ def measure_rewards(bench, path, report, out):
         # the trainer's overlap: reward of batch i on a worker thread while batch i + 1 samples
         with ThreadPoolExecutor(max_workers=1) as pool:
             start = time.perf_counter()
-            futures = [pool.submit(fn, r.images) for r in path.rollout(bench.batch, OVERLAP_BATCHES)]
+            futures = []
+            path.rollout(bench.batch, OVERLAP_BATCHES, on_batch=lambda r: futures.append(pool.submit(fn, r.images)))
+            sync(bench)
             sampled = time.perf_counter() - start
             for future in futures:
                 future.result()
@@ -604,8 +616,8 @@ def print_table(report):
         eager = row.get("eager", row.get("eager_checkpointed"))
         fast = row.get("optimised", row.get("optimised_checkpointed"))
         lines.append(f"| {name} | {eager:.1f} | {fast:.1f} | {row.get('ratio', float('nan')):.2f} |")
-    lines += ["", "| path | rollout s/image (chunk) | forward 6 img s (MFU) | micro-batch s (MFU, peak GiB) | compile s |",
-              "|---|---|---|---|---|"]
+    lines += ["", "| path | rollout s/image (chunk) | forward 6 img s (MFU) | micro-batch s (MFU, peak GiB) "
+                  "| compile s |", "|---|---|---|---|---|"]
     for name, path in report["paths"].items():
         rollout = ", ".join(f"{v['s_per_image']:.4f} ({k})" for k, v in path.get("rollout", {}).items())
         forward = path.get("forward_6_images", {})

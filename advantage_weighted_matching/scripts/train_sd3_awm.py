@@ -279,8 +279,7 @@ def main(_):
                 return speed.reference_and_ema_velocity(backbone, lora_transformer, adapters, x, t, embeds, pooled,
                                                         **cfg)
 
-        if fast.batched_reference:
-            ref_v, ema_v = speed.paired_reference(ref_and_ema_v)
+        ref_fn, ema_fn = speed.paired_reference(ref_and_ema_v) if fast.batched_reference else (ref_v, ema_v)
 
         if flow_grpo:
             x, x_next, sigma, sigma_next, old_log_probs = step_rows(
@@ -298,8 +297,8 @@ def main(_):
         return awm_loss(
             policy_v, clean, noise, t, samples["advantages"][rows], T, weighting=train_cfg.weighting,
             ghuber_power=train_cfg.ghuber_power, loss_type=train_cfg.loss_type, clip_range=train_cfg.clip_range,
-            beta=train_cfg.beta, kl_weight=train_cfg.kl_weight, ref_velocity_fn=ref_v, ema_beta=train_cfg.ema_beta,
-            kl_ema_weight=train_cfg.kl_ema_weight, ema_velocity_fn=ema_v, off_policy=train_cfg.off_policy,
+            beta=train_cfg.beta, kl_weight=train_cfg.kl_weight, ref_velocity_fn=ref_fn, ema_beta=train_cfg.ema_beta,
+            kl_ema_weight=train_cfg.kl_ema_weight, ema_velocity_fn=ema_fn, off_policy=train_cfg.off_policy,
         )
 
     os.makedirs(os.path.join(save_dir, "samples"), exist_ok=True)
