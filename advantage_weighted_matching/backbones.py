@@ -13,7 +13,8 @@ rest:
   the model call with the family's timestep convention, latent packing and guidance;
 * ``uses_cfg(guidance_scale)``: whether sampling needs the empty-prompt embedding;
 * ``decode(pipeline, latents)`` -> images [B, 3, H, W] in [0, 1];
-* ``lora_targets(lora_type)`` and ``pipeline_class()`` (LoRA save / load).
+* ``lora_targets(lora_type)`` and ``pipeline_class()`` (LoRA save / load);
+* ``repeated_blocks``: the transformer's repeated block classes (regional compilation, ``speed.py``).
 
 SD3 (``StableDiffusion3Pipeline``): the transformer takes [B, C, h, w] and
 ``timestep = 1000 t``; guidance is classifier-free (two halves in one call).
@@ -50,6 +51,7 @@ class SD3:
 
     name = "sd3"
     modules = ("vae", "text_encoder", "text_encoder_2", "text_encoder_3", "transformer")  # all frozen
+    repeated_blocks = ("JointTransformerBlock",)
 
     @staticmethod
     def pipeline_class():
@@ -170,6 +172,7 @@ class Flux(SD3):
 
     name = "flux"
     modules = ("vae", "text_encoder", "text_encoder_2", "transformer")
+    repeated_blocks = ("FluxTransformerBlock", "FluxSingleTransformerBlock")
 
     @staticmethod
     def pipeline_class():

@@ -56,6 +56,9 @@ RESUME_FREE_KEYS = (
     "rewards.remote_geneval_url", "rewards.remote_geneval_timeout_s", "rewards.remote_geneval_retries",
     "rewards.deqa_url", "rewards.unifiedreward_url", "rewards.remote_timeout_s", "rewards.remote_retries",
     "train.gradient_checkpointing",  # memory for time, same mathematics
+    # execution switches (issue I, speed.py): how fast, not what is computed
+    "train.compile", "train.compile_mode", "train.compile_backend", "train.fused_adam", "train.batched_reference",
+    "sample.rollout_chunk", "peak_tflops",
 )
 
 

@@ -78,6 +78,10 @@ class AdapterSwitch:
     exit. `requires_grad` is left as it is, `default` trainable and `ema`
     frozen: the switched forwards (reference, KL-EMA, off-policy rollouts) run
     without gradients, and only `default` is ever trained.
+
+    `mixed(names)` runs one batch with a different adapter per row (peft's mixed-adapter
+    batch: ``names[i]`` for row i, ``"__base__"`` for none), for the batched reference
+    and KL-EMA forward (``speed.paired_reference``).
     """
 
     def __init__(self, model):
@@ -87,6 +91,8 @@ class AdapterSwitch:
         for layer in self.layers:  # fail loudly if a peft upgrade renames the flags
             if not (hasattr(layer, "_active_adapter") and hasattr(layer, "_disable_adapters")):
                 raise RuntimeError(f"unsupported peft version: {type(layer).__name__} lacks the adapter flags")
+        self.row_adapters = None  # per-row adapter names while `mixed` is active
+        self._hooked = False
 
     @contextlib.contextmanager
     def _set(self, name, value):
@@ -104,6 +110,29 @@ class AdapterSwitch:
 
     def disabled(self):
         return self._set("_disable_adapters", True)
+
+    def _row_adapters_hook(self, module, args, kwargs):
+        if self.row_adapters is not None:
+            kwargs["adapter_names"] = self.row_adapters
+        return args, kwargs
+
+    @contextlib.contextmanager
+    def mixed(self, adapter_names):
+        """Row i of the batch runs under ``adapter_names[i]`` in every LoRA layer (peft's
+        ``adapter_names`` forward argument, which its LoRA layers check and apply: the
+        base output for every row plus each adapter's LoRA term on its rows). No-grad
+        forwards only (peft refuses mixed batches for training). The pre-forward hooks are
+        registered once and stay (a fixed hook reading `row_adapters`: a compiled block
+        sees the same hook every call and does not recompile)."""
+        if not self._hooked:
+            for layer in self.layers:
+                layer.register_forward_pre_hook(self._row_adapters_hook, with_kwargs=True)
+            self._hooked = True
+        previous, self.row_adapters = self.row_adapters, list(adapter_names)
+        try:
+            yield
+        finally:
+            self.row_adapters = previous
 
 
 def adapter_state_dict(model, adapter):

@@ -23,7 +23,9 @@ class CosineToThird:
         return 1.0 / 3.0 + (2.0 / 3.0) * 0.5 * (1.0 + math.cos(math.pi * step / self.decay_steps))
 
 
-def build_optimizer(parameters, learning_rate, betas, weight_decay, eps, use_8bit_adam=False):
+def build_optimizer(parameters, learning_rate, betas, weight_decay, eps, use_8bit_adam=False, fused=False):
+    """AdamW (bitsandbytes' 8-bit one with `use_8bit_adam`). `fused`: torch's fused AdamW, one
+    kernel for all parameters instead of a loop of per-tensor ops (same update; issue I)."""
     if use_8bit_adam:
         try:
             import bitsandbytes as bnb
@@ -32,7 +34,27 @@ def build_optimizer(parameters, learning_rate, betas, weight_decay, eps, use_8bi
         optimizer_class = bnb.optim.AdamW8bit
     else:
         optimizer_class = torch.optim.AdamW
-    return optimizer_class(parameters, lr=learning_rate, betas=betas, weight_decay=weight_decay, eps=eps)
+    extra = {"fused": True} if fused and not use_8bit_adam else {}
+    optimizer = optimizer_class(parameters, lr=learning_rate, betas=betas, weight_decay=weight_decay, eps=eps,
+                                **extra)
+    if not use_8bit_adam:
+        keep_implementation_on_load(optimizer)
+    return optimizer
+
+
+def keep_implementation_on_load(optimizer):
+    """Let ``load_state_dict`` keep this optimizer's own ``fused`` / ``foreach`` choice rather than
+    the checkpoint's (torch otherwise takes every param-group option from the saved state):
+    the implementation is an execution switch, free to change on resume. Set before the state
+    is read, so the step counters land where that implementation keeps them."""
+    own = [{key: group.get(key) for key in ("fused", "foreach")} for group in optimizer.param_groups]
+
+    def use_own_implementation(optimizer, state_dict):
+        state_dict = dict(state_dict)
+        state_dict["param_groups"] = [{**saved, **mine} for saved, mine in zip(state_dict["param_groups"], own)]
+        return state_dict
+
+    optimizer.register_load_state_dict_pre_hook(use_own_implementation)
 
 
 def build_lr_scheduler(optimizer, decay_steps):

@@ -122,13 +122,19 @@ def tau_at(t, noise_level):
     return noise_level if 0.3 <= t <= 0.9 else 0.0
 
 
-def sa_solver_sample(denoise, x, t, noise_level, generator=None, progress=None):
+def sa_solver_sample(denoise, x, t, noise_level, generator=None, progress=None, draw_noise=None):
     """Run the SA-Solver (predictor order 2, corrector order 2, PEC) over grid `t`.
 
     denoise(x, t) -> D, the data prediction, same shape as x [B, C, H, W].
     Returns the list of len(t) latents (start, then after every step; the last is
     the clean sample). Calls `denoise` exactly len(t) - 1 times.
+    `draw_noise()` -> the next standard-normal draw like x, one per stochastic step in
+    step order (default: ``torch.randn`` from `generator`; chunked rollouts pass draws
+    made per rollout batch, see ``rollout.BatchNoise``).
     """
+    if draw_noise is None:
+        def draw_noise(shape=x.shape, device=x.device, dtype=x.dtype):
+            return torch.randn(shape, generator=generator, device=device, dtype=dtype)
     steps = len(t) - 1
     lambdas = [log_snr(v) for v in t[:-1]]
     latents = [x]
@@ -136,7 +142,7 @@ def sa_solver_sample(denoise, x, t, noise_level, generator=None, progress=None):
     for step in range(1, steps):
         t_prev, t_now = t[step - 1], t[step]
         tau = tau_at(t_now, noise_level)  # SPEC 3a: the step's target time
-        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype) if tau > 0 else None
+        noise = draw_noise() if tau > 0 else None
 
         order = 1 if step == 1 else min(2, steps - step + 1)
         nodes = [lambdas[step - 1 - i] for i in range(order)]

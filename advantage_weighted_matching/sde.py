@@ -61,19 +61,25 @@ def sde_step(x, velocity, sigma, sigma_next, sigma_max, level, noise=None, prev_
     return prev_sample, gaussian_log_prob(prev_sample, mean, step_std)
 
 
-def sde_sample(velocity_fn, x, sigmas, noise_level, sde_frac, generator=None, deterministic=False, progress=None):
+def sde_sample(velocity_fn, x, sigmas, noise_level, sde_frac, generator=None, deterministic=False, progress=None,
+               draw_noise=None):
     """Roll the SDE (or the Euler ODE) over `sigmas` (num_steps + 1 entries, last 0).
 
     velocity_fn(x, sigma) -> v. Returns (latents: list of num_steps + 1 tensors,
-    log_probs [B, num_steps] with zeros at deterministic steps).
+    log_probs [B, num_steps] with zeros at deterministic steps). `draw_noise()` -> the
+    next standard-normal draw like x, one per stochastic step (default: ``torch.randn``
+    from `generator`).
     """
+    if draw_noise is None:
+        def draw_noise(shape=x.shape, device=x.device, dtype=x.dtype):
+            return torch.randn(shape, generator=generator, device=device, dtype=dtype)
     sigmas = [float(s) for s in sigmas]
     num_steps = len(sigmas) - 1
     latents, log_probs = [x], []
     for i in range(num_steps):
         level = 0.0 if deterministic or i >= num_steps * sde_frac else noise_level
         velocity = velocity_fn(x, sigmas[i])
-        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype) if level > 0 else None
+        noise = draw_noise() if level > 0 else None
         x, log_prob = sde_step(x, velocity, sigmas[i], sigmas[i + 1], sigmas[1], level, noise)
         log_probs.append(log_prob if log_prob is not None else x.new_zeros(x.shape[0]))
         latents.append(x)

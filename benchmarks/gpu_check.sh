@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
 # GPU checks of the real code paths (run on a CUDA machine from the repo root;
 # $OUT collects the results). Wheels for packages the machine lacks are
-# expected in .whl/ (diffusers, peft, ml_collections, importlib_metadata).
+# expected in .whl/ (diffusers, peft, ml_collections, importlib_metadata, and for
+# the OCR reward rapidocr-onnxruntime and its needs): `bash benchmarks/device_wheels.sh`
+# fetches them here, once, before the device call.
 #
-#   bash benchmarks/gpu_check.sh                 # all three checks
-#   bash benchmarks/gpu_check.sh step trainer    # only the named ones (tiny | step | trainer)
+#   bash benchmarks/gpu_check.sh                 # tiny, step and trainer
+#   bash benchmarks/gpu_check.sh step trainer    # only the named ones (tiny | step | trainer | throughput)
+#   bash benchmarks/gpu_check.sh throughput      # issue I: eager vs optimised, SD3.5-M + rewards, FLUX.1-dev (~8 min)
 set -uo pipefail
 OUT="${OUT:-/tmp/gpu_check}"
 CHECKS="${*:-tiny step trainer}"
+START=$(date +%s)
 mkdir -p "$OUT"
 if compgen -G ".whl/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -47,3 +51,22 @@ if [[ " $CHECKS " == *" trainer "* ]]; then
   echo "realsize_trainer: rc=$? in $(( $(date +%s) - start ))s"
   tail -n 12 "$OUT/realsize_trainer.log"
 fi
+
+# 4. Issue I (throughput): eager baseline vs the optimised path in one process, at SD3.5-Medium
+#    shapes with the rewards at real shapes (I.3), then FLUX.1-dev shapes in bf16 with
+#    checkpointing (issue K.4). Each command has its own time limit and writes its JSON after
+#    every stage, so a command cut short still returns what it measured. About 8 minutes.
+throughput() {  # size, time limit (s), then benchmark arguments
+  local size=$1 limit=$2 start
+  shift 2
+  start=$(date +%s)
+  timeout --signal=INT --kill-after=20 "$limit" python3 benchmarks/throughput.py --size "$size" "$@" \
+    --out "$OUT/throughput_${size}.json" > "$OUT/throughput_${size}.log" 2>&1
+  echo "throughput $size: rc=$? in $(( $(date +%s) - start ))s"
+  tail -n 30 "$OUT/throughput_${size}.log"
+}
+if [[ " $CHECKS " == *" throughput "* ]]; then
+  throughput sd35m 330 --rewards --repeats 3
+  throughput flux 180 --repeats 1
+fi
+echo "gpu_check: $(( $(date +%s) - START ))s"

@@ -620,6 +620,15 @@ INVALID = [
     ("empty_model", _with(pretrained__model=""), 8, ["pretrained.model"]),
     ("empty_dataset", _with(dataset=""), 8, ["dataset is empty"]),
     ("rewards_dtype", _with(rewards__dtype="int8"), 8, ["rewards.dtype", "'int8'"]),
+    ("compile", _with(train__compile="yes"), 8, ["train.compile", "'yes'"]),
+    ("compile_mode", _with(train__compile_mode="fast"), 8, ["train.compile_mode", "'fast'"]),
+    ("compile_mode_needs_inductor", _with(train__compile_mode="reduce-overhead", train__compile_backend="eager"), 8,
+     ["train.compile_mode='reduce-overhead' needs train.compile_backend='inductor'"]),
+    ("fused_adam", _with(train__fused_adam="on"), 8, ["train.fused_adam", "'on'"]),
+    ("rollout_chunk_not_dividing", _with(sample__rollout_chunk=10), 8,
+     ["sample.rollout_chunk=10", "6 * 36 = 216"]),
+    ("rollout_chunk_negative", _with(sample__rollout_chunk=-1), 8, ["sample.rollout_chunk=-1"]),
+    ("peak_tflops", _with(peak_tflops=0.0), 8, ["peak_tflops=0.0"]),
 ]
 
 
@@ -660,6 +669,13 @@ def test_train_timesteps_boundary_accepted():
     config = dgx_awm.ocr_sd3_no_cfg_1node()
     config.train.train_timesteps = 12  # == int(14 * 0.9)
     assert validate(config, 8)["rows_per_micro_batch"] == 36
+
+
+@pytest.mark.parametrize("chunk", [0, 1, 6, 12, 18, 216])
+def test_rollout_chunks_that_divide_the_epoch_are_accepted(chunk):
+    config = dgx_awm.ocr_sd3_no_cfg_1node()
+    config.sample.rollout_chunk = chunk  # execution only: the batch plan does not change
+    assert validate(config, 8) == validate(dgx_awm.ocr_sd3_no_cfg_1node(), 8)
 
 
 def test_every_spec_enum_key_is_checked():

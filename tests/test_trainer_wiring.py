@@ -42,26 +42,28 @@ def _set_peft_adapter(transformer, adapter):
 def off_policy_run(tmp_path_factory, tiny_sd3_dir):
     """Two epochs off-policy with a constant KL-EMA decay; the rollout spy records, at each
     epoch's first rollout, both adapters and the latents of re-runs under each adapter."""
+    from advantage_weighted_matching import rollout as rollout_module
+    from advantage_weighted_matching.rollout import ChunkNoise
+
     records = []
-    original = train.rollout
+    original = rollout_module.rollout  # the trainer samples through ChunkedRollout, which calls it per chunk
     patch = pytest.MonkeyPatch()
 
-    def spy(pipeline, transformer, embeds, pooled, sigmas, resolution, generator, **kwargs):
-        state = generator.get_state()
-        result = original(pipeline, transformer, embeds, pooled, sigmas, resolution, generator, **kwargs)
-        # one rollout batch per epoch (num_batches_per_epoch=1): every call is an epoch's first
+    def spy(pipeline, transformer, embeds, pooled, sigmas, resolution, generator, noise=None, **kwargs):
+        result = original(pipeline, transformer, embeds, pooled, sigmas, resolution, generator, noise=noise, **kwargs)
+        # one rollout batch per epoch (num_batches_per_epoch=1, chunk = batch): every call is an epoch's first
         rerun = {}
         for adapter in ("ema", "default"):
             _set_peft_adapter(transformer, adapter)
-            again = torch.Generator(generator.device).set_state(state)
-            rerun[adapter] = original(pipeline, transformer, embeds, pooled, sigmas, resolution, again,
-                                      **kwargs).latents[-1]
+            again = ChunkNoise(noise.pieces)  # the batch keeps its draws: a fresh view replays them
+            rerun[adapter] = original(pipeline, transformer, embeds, pooled, sigmas, resolution, generator,
+                                      noise=again, **kwargs).latents[-1]
         _set_peft_adapter(transformer, "default")  # the trainer's state: default active and trainable
         records.append({"embeds": embeds, "latents": result.latents[-1], "rerun": rerun,
                         "ema": _lora_params(transformer, "ema"), "default": _lora_params(transformer, "default")})
         return result
 
-    patch.setattr(train, "rollout", spy)
+    patch.setattr(rollout_module, "rollout", spy)
     try:
         run_training(tmp_path_factory.mktemp("off_policy") / "run", tiny_sd3_dir, "--config.num_epochs=2",
                      "--config.eval_freq=0", "--config.save_freq=0", "--config.log_image_freq=0",

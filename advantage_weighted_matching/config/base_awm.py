@@ -66,6 +66,7 @@ def get_config():
     config.time_shift = 3.0  # shift s of the continuous time types (t -> s t / (1 + (s - 1) t))
     config.lora_type = "attn"  # LoRA target modules: "attn" | "ffn"
     config.dump_rank_state = False  # write {save_dir}/rank_state/rank{r}.jsonl each epoch (multi-process tests)
+    config.peak_tflops = 989.0  # accelerator's dense fp16/bf16 peak, TFLOP/s, for the logged MFU (H100 SXM: 989)
 
     # ---- model ----
     config.pretrained = pretrained = ml_collections.ConfigDict()
@@ -88,6 +89,7 @@ def get_config():
     sample.noise_level = 0.7  # SDE / SA-Solver stochasticity (tau)
     sample.sde_frac = 1.0  # SDE rollouts: fraction of steps that are stochastic
     sample.num_eval_images = 0  # eval prompts per evaluation (0 = whole test split)
+    sample.rollout_chunk = 0  # images per solver pass, execution only (0 = train_batch_size; divides images/GPU/epoch)
 
     # ---- training ----
     config.train = train = ml_collections.ConfigDict()
@@ -130,6 +132,12 @@ def get_config():
     train.use_sa_solver = False  # SA-Solver rollout (else SDE)
     train.decay_steps = 1e10  # cosine LR decay length in optimizer steps
     train.gradient_checkpointing = False  # recompute transformer activations in backward (less memory, ~+25% time)
+    # Execution switches (speed.py): same mathematics, other speed. "auto" = on for CUDA, off on CPU.
+    train.compile = "auto"  # "auto" | "true" | "false": torch.compile each repeated transformer block, once per run
+    train.compile_mode = "default"  # default | reduce-overhead (CUDA graphs) | max-autotune[-no-cudagraphs]
+    train.compile_backend = "inductor"  # inductor | aot_eager | eager (the last two: wiring checks, no code generation)
+    train.fused_adam = "auto"  # "auto" | "true" | "false": torch.optim.AdamW(fused=True), one kernel per step
+    train.batched_reference = False  # base-model and KL-EMA forwards as one call of 2x rows (peft mixed-adapter batch)
 
     # ---- rewards ----
     config.rewards = rewards = ml_collections.ConfigDict()

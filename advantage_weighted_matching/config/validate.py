@@ -22,6 +22,10 @@ ENUMS = {
     "mixed_precision": ("no", "fp16", "bf16"),
     "rewards.dtype": ("float32", "float16", "bfloat16"),
     "rewards.qwenvl_dtype": ("float32", "float16", "bfloat16"),
+    "train.compile": ("auto", "true", "false"),
+    "train.compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+    "train.compile_backend": ("inductor", "aot_eager", "eager"),
+    "train.fused_adam": ("auto", "true", "false"),
 }
 DISCRETE_TIME_TYPES = ("discrete", "discrete_wo_init", "discrete_with_init")
 
@@ -46,6 +50,8 @@ RANGES = [
     ("sample.noise_level", lambda v: v >= 0, ">= 0"),
     ("sample.sde_frac", lambda v: 0 <= v <= 1, "in [0, 1]"),
     ("sample.num_eval_images", lambda v: v >= 0, ">= 0"),
+    ("sample.rollout_chunk", lambda v: v >= 0 and v == int(v), "an integer >= 0 (0 = sample.train_batch_size)"),
+    ("peak_tflops", lambda v: v > 0, "> 0"),
     ("train.batch_size", lambda v: v >= 1, ">= 1"),
     ("train.learning_rate", lambda v: v > 0, "> 0"),
     ("train.adam_beta1", lambda v: 0 <= v < 1, "in [0, 1)"),
@@ -171,6 +177,16 @@ def validate(config, num_processes):
             f"epoch, train.num_batches_per_epoch * train.num_inner_epochs = {micro_batches} * "
             f"{train.num_inner_epochs} (an optimizer step never spans two epochs; the presets take one per epoch)"
         )
+    images_per_rank = sample.train_batch_size * sample.num_batches_per_epoch
+    if sample.rollout_chunk and images_per_rank % sample.rollout_chunk:
+        errors.append(
+            f"sample.rollout_chunk={sample.rollout_chunk} must divide the images per GPU per epoch, "
+            f"sample.train_batch_size * sample.num_batches_per_epoch = {sample.train_batch_size} * "
+            f"{sample.num_batches_per_epoch} = {images_per_rank} (every solver pass the "
+            f"same shape: nothing recompiles)"
+        )
+    if config.train.compile_mode != "default" and config.train.compile_backend != "inductor":
+        errors.append(f"train.compile_mode={config.train.compile_mode!r} needs train.compile_backend='inductor'")
     if config.time_type in DISCRETE_TIME_TYPES:
         usable = int(sample.num_steps * train.timestep_fraction)
         if train.train_timesteps > usable:

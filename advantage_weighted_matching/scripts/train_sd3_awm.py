@@ -30,7 +30,7 @@ from ml_collections import config_flags
 from tqdm.auto import tqdm
 
 from advantage_weighted_matching import checkpoint as ckpt
-from advantage_weighted_matching import preflight
+from advantage_weighted_matching import preflight, speed
 from advantage_weighted_matching.advantages import clip_advantages, group_advantages
 from advantage_weighted_matching.backbones import ensure_local_pipeline, get_backbone
 from advantage_weighted_matching.config import ConfigError, format_batch_plan, validate
@@ -43,8 +43,9 @@ from advantage_weighted_matching.lora import (
 from advantage_weighted_matching.objective import awm_loss
 from advantage_weighted_matching.optim import build_lr_scheduler, build_optimizer
 from advantage_weighted_matching.prompts import k_repeat_batch, load_prompts
-from advantage_weighted_matching.rollout import rollout
+from advantage_weighted_matching.rollout import ChunkedRollout
 from advantage_weighted_matching.stopping import RewardOutage, StopSignals, TrainingHalted
+from advantage_weighted_matching.throughput import ThroughputMeter
 from advantage_weighted_matching.timesteps import sample_train_times
 from advantage_weighted_matching.visualize import caption, image_grid, plot_reward_curve
 
@@ -163,11 +164,16 @@ def main(_):
     # eval) skip PeftModel's per-call wrapper; adapter switches on `model` still apply to it.
     lora_transformer = model.get_base_model()
     adapters = AdapterSwitch(model)  # cheap adapter switches for the per-micro-batch forwards
+    fast = speed.Settings.from_config(config, device)  # execution switches: speed, not mathematics (speed.py)
+    if fast.compile:  # regional: each repeated block, compiled at its first call of each kind, once per run
+        speed.compile_repeated_blocks(pipeline.transformer, backbone.repeated_blocks, fast.compile_mode,
+                                      fast.compile_backend)
+    logger.info(f"execution switches: {fast}", main_process_only=True)
     kl_ema_params = adapter_parameters(model, "ema") if has_ema_adapter else []
     train_cfg = config.train
     optimizer = build_optimizer(
         policy_params, train_cfg.learning_rate, (train_cfg.adam_beta1, train_cfg.adam_beta2),
-        train_cfg.adam_weight_decay, train_cfg.adam_epsilon, train_cfg.use_8bit_adam,
+        train_cfg.adam_weight_decay, train_cfg.adam_epsilon, train_cfg.use_8bit_adam, fused=fast.fused_adam,
     )
     lr_scheduler = build_lr_scheduler(optimizer, train_cfg.decay_steps)  # stepped by hand once per optimizer step
     transformer, optimizer = accelerator.prepare(model, optimizer)
@@ -268,6 +274,13 @@ def main(_):
             with adapters.use("ema"), accelerator.autocast():
                 return backbone.velocity(lora_transformer, x, t, embeds, pooled, **cfg)
 
+        def ref_and_ema_v(x, t):  # both no-grad forwards as one call of 2x rows (train.batched_reference)
+            with accelerator.autocast():
+                return speed.reference_and_ema_velocity(backbone, lora_transformer, adapters, x, t, embeds, pooled,
+                                                        **cfg)
+
+        ref_fn, ema_fn = speed.paired_reference(ref_and_ema_v) if fast.batched_reference else (ref_v, ema_v)
+
         if flow_grpo:
             x, x_next, sigma, sigma_next, old_log_probs = step_rows(
                 samples["latents"][rows], samples["log_probs"][rows], device_sigmas, unit)
@@ -284,8 +297,8 @@ def main(_):
         return awm_loss(
             policy_v, clean, noise, t, samples["advantages"][rows], T, weighting=train_cfg.weighting,
             ghuber_power=train_cfg.ghuber_power, loss_type=train_cfg.loss_type, clip_range=train_cfg.clip_range,
-            beta=train_cfg.beta, kl_weight=train_cfg.kl_weight, ref_velocity_fn=ref_v, ema_beta=train_cfg.ema_beta,
-            kl_ema_weight=train_cfg.kl_ema_weight, ema_velocity_fn=ema_v, off_policy=train_cfg.off_policy,
+            beta=train_cfg.beta, kl_weight=train_cfg.kl_weight, ref_velocity_fn=ref_fn, ema_beta=train_cfg.ema_beta,
+            kl_ema_weight=train_cfg.kl_ema_weight, ema_velocity_fn=ema_fn, off_policy=train_cfg.off_policy,
         )
 
     os.makedirs(os.path.join(save_dir, "samples"), exist_ok=True)
@@ -293,10 +306,17 @@ def main(_):
                                   config.sample.num_image_per_prompt)
     nonfinite_streak = 0
     reward_outage = RewardOutage(config.rewards.max_failure_fraction, config.rewards.max_failed_epochs)
+    meter = ThroughputMeter(device, config.peak_tflops)  # images/s; on CUDA MFU and peak memory, no syncs in the loop
+    sampler = ChunkedRollout(  # `fast.rollout_chunk` images per solver pass; each image's noise from its own batch
+        pipeline, lora_transformer, fast.rollout_chunk, train_sigmas, config.resolution,
+        region=lambda rows: meter.measure("rollout", rows), use_sa_solver=train_cfg.use_sa_solver,
+        noise_level=config.sample.noise_level, sde_frac=config.sample.sde_frac, negative=negative,
+        guidance_scale=guidance, backbone=backbone)
     for epoch in range(first_epoch, config.num_epochs):
         timings, steps_this_epoch, train_log = {}, 0, {}
         # ================================================================ SAMPLE
         start = time.perf_counter()
+        meter.start_epoch()
         model.eval()
         batches = []
         for i in tqdm(range(num_batches), desc=f"epoch {epoch} sample", disable=not is_main, leave=False):
@@ -310,18 +330,17 @@ def main(_):
             generator = torch.Generator(device).manual_seed(stream_seed(config.seed, "rollout", counter, rank))
             sampling_adapter = adapters.use("ema") if train_cfg.off_policy else contextlib.nullcontext()
             with accelerator.autocast(), sampling_adapter:
-                result = rollout(
-                    pipeline, lora_transformer, embeds, pooled, train_sigmas, config.resolution, generator,
-                    use_sa_solver=train_cfg.use_sa_solver, noise_level=config.sample.noise_level,
-                    sde_frac=config.sample.sde_frac, negative=negative, guidance_scale=guidance, backbone=backbone,
-                )
-            # Score on the worker thread while the next batch samples.
-            future = reward_executor.submit(reward_fn, result.images, prompts, metadata, True)
-            batches.append({"prompts": prompts, "all_indices": all_indices, "embeds": embeds, "pooled": pooled,
-                            "images": result.images, "clean_latents": result.latents[-1], "rewards": future})
-            if flow_grpo:  # the baseline trains on the stored SDE steps and their log-probs
-                batches[-1].update(latents=torch.stack(result.latents, dim=1), log_probs=result.log_probs)
+                done = sampler.push(embeds, pooled, generator, last=i + 1 == num_batches, tag={
+                    "prompts": prompts, "metadata": metadata, "all_indices": all_indices, "embeds": embeds,
+                    "pooled": pooled})
+            for result, batch in done:  # whole rollout batches, in order; score each on the worker thread
+                future = reward_executor.submit(reward_fn, result.images, batch["prompts"], batch["metadata"], True)
+                batches.append({**batch, "images": result.images, "clean_latents": result.latents[-1],
+                                "rewards": future})
+                if flow_grpo:  # the baseline trains on the stored SDE steps and their log-probs
+                    batches[-1].update(latents=torch.stack(result.latents, dim=1), log_probs=result.log_probs)
         timings["sample"] = time.perf_counter() - start
+        meter.end_phase("sample")
 
         # ================================================================ REWARD
         start = time.perf_counter()
@@ -376,10 +395,12 @@ def main(_):
                     return save_and_exit(signum, epoch)
                 rows = order[m * micro:(m + 1) * micro]
                 with accelerator.accumulate(transformer):
-                    loss, metrics = micro_batch_loss(samples, rows, unit, cpu_generator, noise_generator)
-                    finite = bool(accelerator.gather(torch.isfinite(loss.detach()).reshape(1)).all())
-                    if finite:  # all ranks agree, so DDP's collectives stay matched
-                        accelerator.backward(loss)
+                    with meter.measure("train", len(rows)):  # policy fwd/bwd, base and KL-EMA forwards
+                        loss, metrics = micro_batch_loss(samples, rows, unit, cpu_generator, noise_generator)
+                        finite = bool(accelerator.gather(torch.isfinite(loss.detach()).reshape(1)).all())
+                        if finite:  # all ranks agree, so DDP's collectives stay matched
+                            accelerator.backward(loss)
+                    if finite:
                         for key, value in metrics.items():
                             step_metrics[key].append(value)
                     else:
@@ -407,6 +428,7 @@ def main(_):
                         optimizer.zero_grad(set_to_none=True)
                         step_metrics, window_ok = defaultdict(list), True
         timings["train"] = time.perf_counter() - start
+        meter.end_phase("train")
 
         # ================================================================ EMA
         if has_ema_adapter:  # KL-EMA adapter: theta_ema <- d theta_ema + (1 - d) theta
@@ -427,6 +449,7 @@ def main(_):
                 weight_ema.swap(policy_params)
         timings["eval"] = time.perf_counter() - start
         epoch_log.update({f"timing/{key}": value for key, value in timings.items()})
+        epoch_log.update(meter.epoch_log(timings, num_batches * batch_size))
         accelerator.log(epoch_log, step=global_step)
         if is_main:  # a plain-text record per epoch, next to the wandb run
             with open(os.path.join(save_dir, "metrics.jsonl"), "a") as f:
