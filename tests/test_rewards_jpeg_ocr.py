@@ -48,7 +48,7 @@ def test_registry_names_and_validation():
     # the reference release's multi_score names, plus jpeg_incompressibility and the CPU toys' rewards
     reference = {"deqa", "ocr", "imagereward", "pickscore", "qwenvl", "aesthetic", "jpeg_compressibility",
                  "unifiedreward", "geneval"}
-    assert set(REWARDS) == reference | {"jpeg_incompressibility", "brightness", "shapes"}
+    assert set(REWARDS) == reference | {"jpeg_incompressibility", "brightness", "shapes", "scenes"}
     validate_reward_names(["ocr", "geneval"])
     with pytest.raises(ValueError) as error:
         validate_reward_names(["ocr", "aesthetics"])
