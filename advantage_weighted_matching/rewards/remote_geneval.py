@@ -29,18 +29,15 @@ counted in ``num_failures``); a reply of the wrong shape fails the batch.
 
 import base64
 import io
-import json
 import logging
 import math
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 from PIL import Image
 
 from . import images_to_uint8_hwc
 from .geneval_rules import MAX_OBJECTS_PER_CLASS, geneval_fields
-from .http_client import BoundedJsonClient, RemoteRewardError
+from .http_client import BoundedJsonClient, RemoteRewardError, serve_json
 
 logger = logging.getLogger(__name__)
 
@@ -154,30 +151,13 @@ def serve_geneval(score_fn, host="127.0.0.1", port=0):
     optionally ``failed``) lists.
     """
 
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):  # noqa: N802 - http.server naming
-            try:
-                length = int(self.headers.get("Content-Length", 0))
-                payload = json.loads(self.rfile.read(length).decode("utf-8"))
-                images = [decode_png_base64(text) for text in payload["images"]]
-                result = score_fn(images, payload["metadata"], bool(payload.get("only_strict", True)))
-                body, status = json.dumps({key: list(map(_plain, value)) for key, value in result.items()}), 200
-            except Exception as error:  # noqa: BLE001 - report to the client instead of dying
-                logger.warning("remote GenEval server error: %r", error)
-                body, status = json.dumps({"error": repr(error)}), 500
-            data = body.encode("utf-8")
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+    def handle(path, payload):
+        del path
+        images = [decode_png_base64(text) for text in payload["images"]]
+        result = score_fn(images, payload["metadata"], bool(payload.get("only_strict", True)))
+        return {key: list(map(_plain, value)) for key, value in result.items()}
 
-        def log_message(self, format, *args):  # noqa: A002 - quiet server
-            logger.debug(format, *args)
-
-    server = ThreadingHTTPServer((host, port), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server
+    return serve_json(handle, host, port)
 
 
 def _plain(value):
