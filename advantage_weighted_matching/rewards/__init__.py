@@ -143,6 +143,29 @@ def run_chunks(run_chunk, count, chunk_size, reward_name):
     return results, failed
 
 
+def score_image_text_chunks(score_chunk, images, prompts, chunk_size, reward_name):
+    """Image-text scorers (PickScore, ImageReward): ``score_chunk(uint8 [b, H, W, 3], prompts [b])``
+    over `run_chunks`; a failed image scores 0. Returns (scores float64 [B], num_failures)."""
+    images_uint8 = images_to_uint8_hwc(images)
+    results, failed = run_chunks(lambda start, stop: score_chunk(images_uint8[start:stop], prompts[start:stop]),
+                                 len(prompts), chunk_size, reward_name)
+    scores = np.array([0.0 if bad else value for value, bad in zip(results, failed)], dtype=np.float64)
+    return scores, int(failed.sum())
+
+
+def image_text_reward(scorer):
+    """The registry's ``fn(images, prompts, metadata, only_strict=True) -> (scores [B], info)`` around a
+    scorer with ``score_batch(images, prompts) -> (scores, num_failures)``; ``fn.scorer`` is the scorer."""
+
+    def score(images, prompts, metadata, only_strict=True):
+        del metadata, only_strict
+        scores, num_failures = scorer.score_batch(images, list(prompts))
+        return scores, {"num_failures": num_failures}
+
+    score.scorer = scorer
+    return score
+
+
 def _jpeg_factory(device, reward_config):
     from .jpeg import make_jpeg_compressibility_scorer
 

@@ -42,7 +42,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from . import from_pretrained_or_explain, images_to_uint8_hwc, resolve_device, run_chunks, torch_dtype
+from . import from_pretrained_or_explain, image_text_reward, resolve_device, score_image_text_chunks, torch_dtype
 from .mlp_head import head_from_state_dict
 from .weight_files import hub_or_dir_file
 
@@ -223,22 +223,9 @@ class ImageRewardScorer:
         return rewards.cpu().double().numpy()
 
     def score_batch(self, images, prompts):
-        images_uint8 = images_to_uint8_hwc(images)
-        results, failed = run_chunks(
-            lambda start, stop: self.score_chunk(images_uint8[start:stop], prompts[start:stop]),
-            len(prompts), self.batch_size, "imagereward")
-        scores = np.array([0.0 if bad else value for value, bad in zip(results, failed)], dtype=np.float64)
-        return scores, int(failed.sum())
+        return score_image_text_chunks(self.score_chunk, images, prompts, self.batch_size, "imagereward")
 
 
 def make_imagereward_scorer(device, reward_config):
     """Factory: ``fn(images, prompts, metadata, only_strict=True) -> (scores [B], info)``."""
-    scorer = ImageRewardScorer(device, reward_config)
-
-    def score(images, prompts, metadata, only_strict=True):
-        del metadata, only_strict
-        scores, num_failures = scorer.score_batch(images, list(prompts))
-        return scores, {"num_failures": num_failures}
-
-    score.scorer = scorer
-    return score
+    return image_text_reward(ImageRewardScorer(device, reward_config))

@@ -11,11 +11,10 @@ Batches of ``reward_config['batch_size']``.
 
 import logging
 
-import numpy as np
 import torch
 from PIL import Image
 
-from . import from_pretrained_or_explain, images_to_uint8_hwc, resolve_device, run_chunks, torch_dtype
+from . import from_pretrained_or_explain, image_text_reward, resolve_device, score_image_text_chunks, torch_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -78,21 +77,9 @@ class PickScoreScorer:
     def score_batch(self, images, prompts):
         """Batched scores; a failing chunk is retried image by image so that a bad
         image costs only itself. Returns (scores float64 [B], num_failures)."""
-        images_uint8 = images_to_uint8_hwc(images)
-        results, failed = run_chunks(lambda start, stop: self.score_chunk(images_uint8[start:stop], prompts[start:stop]),
-                                     len(prompts), self.batch_size, "pickscore")
-        scores = np.array([0.0 if bad else value for value, bad in zip(results, failed)], dtype=np.float64)
-        return scores, int(failed.sum())
+        return score_image_text_chunks(self.score_chunk, images, prompts, self.batch_size, "pickscore")
 
 
 def make_pickscore_scorer(device, reward_config):
     """Factory: ``fn(images, prompts, metadata, only_strict=True) -> (scores [B], info)``."""
-    scorer = PickScoreScorer(device, reward_config)
-
-    def score(images, prompts, metadata, only_strict=True):
-        del metadata, only_strict
-        scores, num_failures = scorer.score_batch(images, list(prompts))
-        return scores, {"num_failures": num_failures}
-
-    score.scorer = scorer
-    return score
+    return image_text_reward(PickScoreScorer(device, reward_config))
