@@ -2,6 +2,7 @@
 
     python benchmarks/awm_vs_flow_grpo.py lr-search --mode cpu     # same 3 learning rates for both, one seed
     python benchmarks/awm_vs_flow_grpo.py run --mode cpu           # seeds x both methods + gradient variance
+    python benchmarks/awm_vs_flow_grpo.py run --mode cpu-full      # 5 seeds x 36 epochs on 2 cores (no GPU)
     python benchmarks/awm_vs_flow_grpo.py run --mode gpu           # 5 seeds, all runs as parallel processes
 
 Both methods start from the same pretrained toy SD3 ("scenes" task,
@@ -13,8 +14,9 @@ arguments are config overrides for both (``--config.sample.eval_num_steps=8``).
 
 Modes (`MODES`): ``gpu`` runs every (method, seed) as its own process at once
 (the toy model is tiny: they share one GPU); ``cpu`` runs two processes at a time,
-one thread each, fewer seeds and epochs, in at most 20 minutes on 2 cores. The
-mode is recorded in every JSON.
+one thread each, fewer seeds and epochs, in at most 20 minutes on 2 cores;
+``cpu-full`` runs the issue's 5 seeds the same way on a machine without a GPU
+(about 55 minutes). The mode is recorded in every JSON.
 
 ``lr-search`` trains each method with each of the same learning rates on one
 seed and keeps the best final eval reward (mean of the last two evaluations);
@@ -48,16 +50,22 @@ if REPO not in sys.path:
 ALGORITHMS = ("awm", "flow_grpo")
 TRAIN_SCRIPT = os.path.join(REPO, "advantage_weighted_matching", "scripts", "train_sd3_awm.py")
 PRESETS = os.path.join(REPO, "advantage_weighted_matching", "config", "toy_awm.py")
-# seeds, epochs, parallel processes (0: all at once), epochs between gradient-variance checkpoints
-# and prompt groups of 16 images per gradient-variance measurement. CPU: about 15 minutes on a 2-core
-# machine with the toy model cached, plus 3.5 to pretrain it (estimated from measured epochs: AWM 17 s,
-# Flow-GRPO 15 s before SPEC 7's every-step training, about 24 s after; an evaluation 5 s).
+# seeds, epochs, parallel processes (0: all at once), epochs between gradient-variance checkpoints,
+# prompt groups of 16 images per gradient-variance measurement, epochs of the LR search and whose
+# LR search a run uses. Measured on an idle 2-core machine, one thread per run: an AWM epoch (128
+# images) about 10 s, a Flow-GRPO epoch about 15 s, an evaluation (64 prompts) about 4 s.
+#   cpu       2 seeds x 12 epochs, about 15 minutes (at most 20) with the toy model cached
+#   cpu-full  the issue's scale (5 seeds) where no GPU is lent: 5 seeds x 36 epochs, about 55 minutes
+#   gpu       5 seeds x 60 epochs, every run its own process on one GPU
 MODES = {
     "gpu": {"seeds": [1, 2, 3, 4, 5], "epochs": 60, "workers": 0, "grad_every": 20, "grad_prompts": 8,
-            "lr_epochs": 30},
-    "cpu": {"seeds": [1, 2], "epochs": 12, "workers": 2, "grad_every": 6, "grad_prompts": 4, "lr_epochs": 8},
+            "lr_epochs": 30, "lr_search": "gpu"},
+    "cpu": {"seeds": [1, 2], "epochs": 12, "workers": 2, "grad_every": 6, "grad_prompts": 4, "lr_epochs": 12,
+            "lr_search": "cpu"},
+    "cpu-full": {"seeds": [1, 2, 3, 4, 5], "epochs": 36, "workers": 2, "grad_every": 12, "grad_prompts": 4,
+                 "lr_epochs": 12, "lr_search": "cpu"},
 }
-LEARNING_RATES = (1e-3, 3e-3, 1e-2)
+LEARNING_RATES = (3e-4, 1e-3, 3e-3, 1e-2)
 SMOOTH_WINDOW = 3  # evaluations in the trailing mean of the speedup
 
 
@@ -107,6 +115,16 @@ def run_jobs(jobs, workers, threads=1):
                 for other in running:
                     other[0].kill()
                 raise RuntimeError(f"{entry[1]} failed (exit {entry[0].returncode}): see {entry[1]}/train.log")
+
+
+def finished(save_dir, epochs):
+    """Whether `save_dir` holds a run that logged all `epochs` epochs (lr-search --reuse-runs)."""
+    from advantage_weighted_matching.checkpoint import read_metrics
+
+    try:
+        return len(read_metrics(save_dir)) == epochs
+    except (FileNotFoundError, ValueError):
+        return False
 
 
 def read_curve(save_dir, images_per_epoch, base_dir=None):
@@ -260,7 +278,8 @@ def lr_search(args):
     jobs = {(a, lr): job(a, args.seed, epochs, os.path.join(out, f"{a}_lr{lr:g}"), lr, extra=extra)
             for a in ALGORITHMS for lr in args.lrs}
     started = time.time()
-    run_jobs(list(jobs.values()), settings["workers"])
+    todo = [j for j in jobs.values() if not (args.reuse_runs and finished(j[0], epochs))]
+    run_jobs(todo, settings["workers"])
     per_epoch = images_per_epoch(args.overrides)
     results = {a: {} for a in ALGORITHMS}
     for (a, lr), (save_dir, _) in jobs.items():
@@ -286,8 +305,9 @@ def lr_search(args):
 
 
 def learning_rates(args):
-    """Per-method learning rate and where it came from: --lr-from, the search of this mode, or the preset."""
-    path = args.lr_from or os.path.join(args.results, f"lr_search_{args.mode}.json")
+    """Per-method learning rate and where it came from: --lr-from, the search of this mode (cpu-full:
+    the cpu search), or the preset."""
+    path = args.lr_from or os.path.join(args.results, f"lr_search_{MODES[args.mode]['lr_search']}.json")
     if os.path.exists(path):
         with open(path) as f:
             return {a: float(v) for a, v in json.load(f)["best"].items()}, path
@@ -381,12 +401,14 @@ def main(argv=None):
         sub.add_argument("--results", default=os.path.join(HERE, "results"), help="JSON and PNG")
     run_parser, search_parser = commands.choices["run"], commands.choices["lr-search"]
     run_parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default: the mode's")
-    run_parser.add_argument("--lr-from", default="", help="lr-search JSON (default: results/lr_search_<mode>.json)")
+    run_parser.add_argument("--lr-from", default="", help="lr-search JSON (default: results/lr_search_<mode>.json; cpu-full: the cpu one)")
     run_parser.add_argument("--grad-every", type=int, default=None, help="epochs between gradient checkpoints "
                             "(0: none; default: the mode's)")
     run_parser.add_argument("--grad-prompts", type=int, default=None, help="prompt groups of 16 images per "
                             "gradient-variance measurement (default: the mode's)")
     run_parser.add_argument("--reuse-runs", action="store_true", help="analyse the finished runs in --out again")
+    search_parser.add_argument("--reuse-runs", action="store_true", help="keep runs in --out that finished "
+                               "all epochs (a grid extended later trains only its new rates)")
     search_parser.add_argument("--seed", type=int, default=1)
     search_parser.add_argument("--lrs", type=float, nargs="+", default=list(LEARNING_RATES))
     args, overrides = parser.parse_known_args(argv)

@@ -123,3 +123,31 @@ def test_awm_vs_flow_grpo_smoke(tmp_path, smoke_toy_model, monkeypatch):
             assert -1 <= record[algorithm]["half_batch_cosine"] <= 1
             assert record[algorithm]["variance_over_squared_mean"] > 0
     assert (tmp_path / "results" / "awm_vs_flow_grpo_cpu.png").stat().st_size > 10_000
+
+
+def test_cpu_full_mode_uses_the_cpu_lr_search(tmp_path):
+    """cpu-full (the issue's 5 seeds on a machine without a GPU) takes the rates of the cpu search:
+    one search, two run sizes; the gpu mode keeps its own search."""
+    import argparse
+
+    import awm_vs_flow_grpo as bench
+
+    (tmp_path / "lr_search_cpu.json").write_text(json.dumps({"best": {"awm": 0.01, "flow_grpo": 0.003}}))
+    args = argparse.Namespace(lr_from="", results=str(tmp_path), mode="cpu-full")
+    rates, source = bench.learning_rates(args)
+    assert rates == {"awm": 0.01, "flow_grpo": 0.003} and source.endswith("lr_search_cpu.json")
+    assert bench.MODES["cpu-full"]["seeds"] == [1, 2, 3, 4, 5]
+    rates, source = bench.learning_rates(argparse.Namespace(lr_from="", results=str(tmp_path), mode="gpu"))
+    assert source == "presets" and rates == {"awm": None, "flow_grpo": None}
+
+
+def test_lr_search_reuse_keeps_only_finished_runs(tmp_path):
+    import awm_vs_flow_grpo as bench
+
+    run = tmp_path / "awm_lr0.001"
+    assert not bench.finished(str(run), 2)  # no run dir
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"epoch": 0}\n')
+    assert not bench.finished(str(run), 2)  # killed after one of two epochs: trained again
+    (run / "metrics.jsonl").write_text('{"epoch": 0}\n{"epoch": 1}\n')
+    assert bench.finished(str(run), 2) and not bench.finished(str(run), 3)
