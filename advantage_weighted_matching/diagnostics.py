@@ -13,6 +13,10 @@ the two losses' different magnitudes do not matter):
 * ``variance_over_squared_mean`` = tr Cov(G_i) / ||g||^2: the per-sample variance
   (unbiased, summed over parameters) over the squared norm of the mean (itself
   noisy: E ||g||^2 = ||mu||^2 + tr Cov / N, so the ratio saturates near N);
+* ``snr_per_sample`` = (||g||^2 - tr Cov / N) / tr Cov: an unbiased estimate of
+  ||mu||^2 over the estimate of tr Cov (the noise floor removed, so it does not
+  saturate; it can come out <= 0 when the batch cannot resolve the mean). One over it
+  is the number of images a batch needs for a signal-to-noise ratio of 1;
 * ``half_batch_cosine``: the cosine between the means of two disjoint random
   halves of the batch, averaged over splits; 1 for a noiseless estimator, about 0
   when noise dominates. For i.i.d. rows with mean mu and per-sample variance s^2,
@@ -92,6 +96,15 @@ def variance_over_squared_mean(gradients):
     return float(gradients.var(0, unbiased=True).sum() / mean.pow(2).sum())
 
 
+def snr_per_sample(gradients):
+    """(||mean||^2 - tr Cov / N) / tr Cov of per-sample gradients [N, P] (unbiased Cov, N >= 2):
+    ||mu||^2 / tr Cov with the noise floor tr Cov / N of ||mean||^2 removed."""
+    gradients = torch.as_tensor(gradients, dtype=torch.float64)
+    variance = gradients.var(0, unbiased=True).sum()
+    squared_mean = gradients.mean(0).pow(2).sum() - variance / gradients.shape[0]
+    return float(squared_mean / variance)
+
+
 def cosine(a, b):
     a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
     return float(a @ b / (a.norm() * b.norm()))
@@ -117,6 +130,7 @@ def gradient_stats(gradients, num_splits=32, seed=0):
     return {
         "num_samples": gradients.shape[0], "half_batch_cosine": cos,
         "variance_over_squared_mean": variance_over_squared_mean(gradients),
+        "snr_per_sample": snr_per_sample(gradients),
         "mean_grad_norm": float(gradients.mean(0).norm()),
         "per_sample_grad_norm": float(gradients.norm(dim=1).mean()),
     }

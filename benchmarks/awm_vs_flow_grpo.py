@@ -16,7 +16,7 @@ Modes (`MODES`): ``gpu`` runs every (method, seed) as its own process at once
 (the toy model is tiny: they share one GPU); ``cpu`` runs two processes at a time,
 one thread each, fewer seeds and epochs, in at most 20 minutes on 2 cores;
 ``cpu-full`` runs the issue's 5 seeds the same way on a machine without a GPU
-(about 55 minutes). The mode is recorded in every JSON.
+(about 45 minutes). The mode is recorded in every JSON.
 
 ``lr-search`` trains each method with each of the same learning rates on one
 seed and keeps the best final eval reward (mean of the last two evaluations);
@@ -53,16 +53,17 @@ PRESETS = os.path.join(REPO, "advantage_weighted_matching", "config", "toy_awm.p
 # seeds, epochs, parallel processes (0: all at once), epochs between gradient-variance checkpoints,
 # prompt groups of 16 images per gradient-variance measurement, epochs of the LR search and whose
 # LR search a run uses. Measured on an idle 2-core machine, one thread per run: an AWM epoch (128
-# images) about 10 s, a Flow-GRPO epoch about 15 s, an evaluation (64 prompts) about 4 s.
-#   cpu       2 seeds x 12 epochs, about 15 minutes (at most 20) with the toy model cached
-#   cpu-full  the issue's scale (5 seeds) where no GPU is lent: 5 seeds x 36 epochs, about 55 minutes
+# images) about 7.6 s, a Flow-GRPO epoch about 11.1 s, an evaluation (64 prompts) about 3 s.
+#   cpu       2 seeds x 12 epochs, at most 20 minutes with the toy model cached
+#   cpu-full  the issue's scale (5 seeds) where no GPU is lent: 5 seeds x 36 epochs, 36 minutes of
+#             training and 7.6 of gradient measurements (256 images at 7 checkpoints)
 #   gpu       5 seeds x 60 epochs, every run its own process on one GPU
 MODES = {
     "gpu": {"seeds": [1, 2, 3, 4, 5], "epochs": 60, "workers": 0, "grad_every": 20, "grad_prompts": 8,
             "lr_epochs": 30, "lr_search": "gpu"},
-    "cpu": {"seeds": [1, 2], "epochs": 12, "workers": 2, "grad_every": 6, "grad_prompts": 4, "lr_epochs": 12,
+    "cpu": {"seeds": [1, 2], "epochs": 12, "workers": 2, "grad_every": 6, "grad_prompts": 8, "lr_epochs": 12,
             "lr_search": "cpu"},
-    "cpu-full": {"seeds": [1, 2, 3, 4, 5], "epochs": 36, "workers": 2, "grad_every": 12, "grad_prompts": 4,
+    "cpu-full": {"seeds": [1, 2, 3, 4, 5], "epochs": 36, "workers": 2, "grad_every": 12, "grad_prompts": 16,
                  "lr_epochs": 12, "lr_search": "cpu"},
 }
 LEARNING_RATES = (3e-4, 1e-3, 3e-3, 1e-2)
@@ -231,11 +232,12 @@ def plot(curves, report, grad_records, path, mode, eval_images):
             epochs = [r["epoch"] for r in rows]
             axes[1, 0].plot(epochs, [r[a]["half_batch_cosine"] for r in rows], style, color=colours[a], marker="o",
                             label=f"{a} estimator, {run} run")
-            axes[1, 1].plot(epochs, [r[a]["variance_over_squared_mean"] for r in rows], style, color=colours[a],
+            axes[1, 1].plot(epochs, [r[a]["snr_per_sample"] for r in rows], style, color=colours[a],
                             marker="o", label=f"{a} estimator, {run} run")
     n = grad_records[0]["num_images"] if grad_records else 0
     axes[1, 0].set_ylabel(f"cosine between half-batch gradients ({n} images)")
-    axes[1, 1].set_ylabel("per-sample gradient variance / squared mean norm")
+    axes[1, 1].set_ylabel("signal-to-noise per image, ||mu||^2 / tr Cov (unbiased)")
+    axes[1, 1].axhline(0.0, color="grey", lw=0.8)
     for axis in axes.flat:
         axis.grid(alpha=0.3)
         axis.legend(fontsize=7)
@@ -359,7 +361,8 @@ def run(args):
             record = grad_variance.measure(model_dir, lora, grad_prompts, seed=seeds[0], configs=configs)
             grad_records.append({"run": run_name, "epoch": epoch, **record})
             print(f"gradient variance, {run_name} run at epoch {epoch}: " + ", ".join(
-                f"{a} cos {record[a]['half_batch_cosine']:.3f} var/mean^2 {record[a]['variance_over_squared_mean']:.1f}"
+                f"{a} cos {record[a]['half_batch_cosine']:.3f} var/mean^2 {record[a]['variance_over_squared_mean']:.1f} "
+                f"snr/image {record[a]['snr_per_sample']:.4f}"
                 for a in ALGORITHMS), flush=True)
     grad_s = time.time() - started
 
@@ -374,8 +377,8 @@ def run(args):
         "learning_rate_source": rate_source, **report, "grad_variance": grad_records, "curves": curves,
         "epoch_wall_s": {a: float(np.mean([c["epoch_wall_s"] for c in curves[a]])) for a in ALGORITHMS},
         "hyperparameters": {a: toy_awm.describe(a) for a in ALGORITHMS}, "model": model_dir,
-        "overrides": args.overrides, "timings": {"pretrain_or_cache_s": pretrain_s, "train_s": train_s,
-                                                 "grad_variance_s": grad_s},
+        "overrides": args.overrides, "reused_runs": args.reuse_runs,  # then train_s is 0: see the runs' own timings
+        "timings": {"pretrain_or_cache_s": pretrain_s, "train_s": train_s, "grad_variance_s": grad_s},
         "command": args.command_line,
     }
     with open(path + ".json", "w") as f:

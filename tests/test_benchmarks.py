@@ -122,6 +122,8 @@ def test_awm_vs_flow_grpo_smoke(tmp_path, smoke_toy_model, monkeypatch):
         for algorithm in ("awm", "flow_grpo"):
             assert -1 <= record[algorithm]["half_batch_cosine"] <= 1
             assert record[algorithm]["variance_over_squared_mean"] > 0
+            ratio = record[algorithm]["variance_over_squared_mean"]  # snr = 1 / ratio - 1 / N
+            assert record[algorithm]["snr_per_sample"] == pytest.approx(1 / ratio - 1 / 16)
     assert (tmp_path / "results" / "awm_vs_flow_grpo_cpu.png").stat().st_size > 10_000
 
 

@@ -75,6 +75,17 @@ def test_variance_over_squared_mean_exact():
     assert d.variance_over_squared_mean(torch.tensor([[1.0, 0.0], [3.0, 0.0]])) == pytest.approx(0.5)
 
 
+def test_snr_per_sample_by_hand():
+    # rows [1, 0], [3, 0], [2, 2], [2, -2]: mean [2, 0], ||mean||^2 = 4; unbiased variances 2/3 and 8/3,
+    # tr Cov = 10/3; noise floor tr Cov / N = 5/6; (4 - 5/6) / (10/3) = 19/20
+    rows = torch.tensor([[1.0, 0.0], [3.0, 0.0], [2.0, 2.0], [2.0, -2.0]])
+    assert d.snr_per_sample(rows) == pytest.approx(0.95)
+    # pure noise around a zero mean: the floor removed, the estimate is about 0 (the plain ratio saturates near N)
+    noise = torch.randn(400, 50, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    assert abs(d.snr_per_sample(noise)) < 0.01
+    assert d.variance_over_squared_mean(noise) == pytest.approx(400, rel=0.25)
+
+
 def test_half_batch_cosine_on_constructed_batches():
     same = torch.tensor([[1.0, 2.0]]).repeat(6, 1)
     assert d.half_batch_cosine(same, 5)[0] == pytest.approx(1.0)
@@ -93,6 +104,7 @@ def test_half_batch_cosine_of_noisy_rows_matches_the_formula():
     assert stats["half_batch_cosine"] == pytest.approx(2 / 3, abs=0.05)
     # E |mean|^2 = |mu|^2 + s^2 / N = 1.25, so the ratio is about 50 / 1.25
     assert stats["variance_over_squared_mean"] == pytest.approx(40, rel=0.1)
+    assert stats["snr_per_sample"] == pytest.approx(1 / 50, rel=0.2)  # ||mu||^2 / s^2, unbiased
     assert stats["num_samples"] == 200
 
 
