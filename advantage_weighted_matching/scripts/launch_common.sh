@@ -139,17 +139,9 @@ awm_forward_signal() {
     fi
 }
 
-# Wait for the training process; sets AWM_TRAIN_STATUS. Polls with a short
-# foreground sleep instead of blocking in `wait`: a trapped signal that lands
-# just before bash enters a blocking `wait` can stay pending until the child
-# exits, and the stop would never be forwarded. After a sleep, bash runs any
-# pending trap at once (at most 0.2 s late). The final `wait` only collects the
-# status of a process that has already ended; a trap that interrupts it is
-# harmless, so wait again.
+# Wait for the training process; a trapped signal interrupts `wait`, so wait
+# again until the process itself has ended. Sets AWM_TRAIN_STATUS.
 awm_wait_training() {
-    while kill -0 "${AWM_TRAIN_PID}" 2>/dev/null; do
-        sleep 0.2 || true  # a group-wide signal ends the sleep too (and set -e must not end us)
-    done
     while true; do
         AWM_INTERRUPTED=0
         if wait "${AWM_TRAIN_PID}"; then
