@@ -297,6 +297,7 @@ def test_signal_is_forwarded(sandbox, sig):
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        preexec_fn=default_stop_signals,
     )
     try:
         deadline = time.monotonic() + 20
@@ -314,10 +315,19 @@ def test_signal_is_forwarded(sandbox, sig):
     assert proc.returncode == 128 + sig
 
 
+def default_stop_signals():
+    """preexec_fn: INT, TERM and HUP at their defaults in the launcher, as a terminal's shell starts it.
+    Under `nohup` (or a shell's background job) pytest may run with HUP or INT ignored, and a shell
+    cannot trap a signal that was ignored when it started (POSIX), which is not what these tests test."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
+
+
 def start_launcher(sandbox, **env):
     """The launcher in a session (and process group) of its own, as a shell would start it."""
     proc = subprocess.Popen(["bash", sandbox.script("geneval")], cwd=sandbox.bin, env=sandbox.env(**env),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            preexec_fn=default_stop_signals)
     deadline = time.monotonic() + 20
     while not sandbox.record_file.exists():
         assert proc.poll() is None, "launcher ended early: " + proc.communicate()[0]
