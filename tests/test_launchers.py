@@ -288,33 +288,6 @@ def test_logins_only_when_credentials_set(sandbox):
     assert sandbox.call()["env"].get("HF_TOKEN") == "hf_fake"
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_signal_is_forwarded(sandbox, sig):
-    proc = subprocess.Popen(
-        ["bash", sandbox.script("geneval")],
-        cwd=sandbox.bin,
-        env=sandbox.env(FAKE_SLEEP=30),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        preexec_fn=default_stop_signals,
-    )
-    try:
-        deadline = time.monotonic() + 20
-        while not sandbox.record_file.exists():
-            assert proc.poll() is None, "launcher ended early"
-            assert time.monotonic() < deadline, "fake accelerate never started"
-            time.sleep(0.05)
-        proc.send_signal(sig)
-        output, _ = proc.communicate(timeout=20)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-    assert sandbox.call().get("signal") == sig.name, output
-    assert proc.returncode == 128 + sig
-
-
 def default_stop_signals():
     """preexec_fn: INT, TERM and HUP at their defaults in the launcher, as a terminal's shell starts it.
     Under `nohup` (or a shell's background job) pytest may run with HUP or INT ignored, and a shell
@@ -323,17 +296,32 @@ def default_stop_signals():
         signal.signal(sig, signal.SIG_DFL)
 
 
-def start_launcher(sandbox, **env):
-    """The launcher in a session (and process group) of its own, as a shell would start it."""
+def start_launcher(sandbox, new_session=True, **env):
+    """The launcher, by default in a session (and process group) of its own as a shell would start
+    it; returns once fake accelerate runs."""
     proc = subprocess.Popen(["bash", sandbox.script("geneval")], cwd=sandbox.bin, env=sandbox.env(**env),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-                            preexec_fn=default_stop_signals)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=new_session, preexec_fn=default_stop_signals)
     deadline = time.monotonic() + 20
     while not sandbox.record_file.exists():
         assert proc.poll() is None, "launcher ended early: " + proc.communicate()[0]
         assert time.monotonic() < deadline, "fake accelerate never started"
         time.sleep(0.05)
     return proc
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_is_forwarded(sandbox, sig):
+    proc = start_launcher(sandbox, new_session=False, FAKE_SLEEP=30)
+    try:
+        proc.send_signal(sig)
+        output, _ = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert sandbox.call().get("signal") == sig.name, output
+    assert proc.returncode == 128 + sig
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT])
