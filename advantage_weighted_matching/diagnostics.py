@@ -127,10 +127,10 @@ def gradient_stats(gradients, num_splits=32, seed=0):
     """The estimator statistics of per-sample gradients [N, P] as a flat dict."""
     gradients = torch.as_tensor(gradients, dtype=torch.float64)
     cos, _ = half_batch_cosine(gradients, num_splits, seed)
+    ratio = variance_over_squared_mean(gradients)
     return {
-        "num_samples": gradients.shape[0], "half_batch_cosine": cos,
-        "variance_over_squared_mean": variance_over_squared_mean(gradients),
-        "snr_per_sample": snr_per_sample(gradients),
+        "num_samples": gradients.shape[0], "half_batch_cosine": cos, "variance_over_squared_mean": ratio,
+        "snr_per_sample": 1.0 / ratio - 1.0 / gradients.shape[0],  # = snr_per_sample(gradients), one pass
         "mean_grad_norm": float(gradients.mean(0).norm()),
         "per_sample_grad_norm": float(gradients.norm(dim=1).mean()),
     }

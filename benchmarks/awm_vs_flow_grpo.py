@@ -1,6 +1,6 @@
 """AWM vs Flow-GRPO on the CPU/GPU toy task: does AWM learn faster, and why? (issue H)
 
-    python benchmarks/awm_vs_flow_grpo.py lr-search --mode cpu     # same 3 learning rates for both, one seed
+    python benchmarks/awm_vs_flow_grpo.py lr-search --mode cpu     # the same 4 learning rates for both, one seed
     python benchmarks/awm_vs_flow_grpo.py run --mode cpu           # seeds x both methods + gradient variance
     python benchmarks/awm_vs_flow_grpo.py run --mode cpu-full      # 5 seeds x 36 epochs on 2 cores (no GPU)
     python benchmarks/awm_vs_flow_grpo.py run --mode gpu           # 5 seeds, all runs as parallel processes
